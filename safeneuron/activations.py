@@ -1,0 +1,399 @@
+"""Recording MLP neuron activations with scoped hooks, and streaming statistics.
+
+The neuron activation of an MLP is the input of its down projection,
+``act(gate(x)) * up(x)``, shape [batch, seq, d_ff]. Each prompt is pooled over its
+non-padding tokens (``max``, ``last`` or ``mean``) to one [d_ff] vector, and the
+vectors are folded into per-neuron count / mean / M2 accumulators in float64
+(Welford updates, Chan merges). Memory is O(layers x d_ff) whatever the number of
+prompts; statistics from separate runs or processes merge exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from safeneuron.arch import MLPSite, find_mlps
+from safeneuron.data.prompts import PromptSet, render_chat
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "POSITIONS",
+    "NeuronStats",
+    "ActivationStats",
+    "neuron_hooks",
+    "pool_tokens",
+    "iter_batches",
+    "record_activations",
+    "collect_activations",
+]
+
+POSITIONS = ("max", "last", "mean")
+
+
+# --------------------------------------------------------------------------- statistics
+@dataclass
+class NeuronStats:
+    """Streaming count, mean and M2 (sum of squared deviations) per neuron, float64.
+
+    ``mean`` and ``m2`` have shape [d_ff]; ``var`` is the unbiased variance.
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def empty(cls, d_ff: int) -> "NeuronStats":
+        return cls(0, torch.zeros(d_ff, dtype=torch.float64), torch.zeros(d_ff, dtype=torch.float64))
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "NeuronStats":
+        """Statistics of a batch ``x`` [n, d_ff]."""
+        x = x.to(torch.float64)
+        mean = x.mean(0)
+        return cls(int(x.shape[0]), mean, ((x - mean) ** 2).sum(0))
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        """Chan et al.'s parallel merge: exact for count/mean/M2 up to float64 rounding."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return NeuronStats(n, mean, m2)
+
+    def update(self, x: torch.Tensor) -> "NeuronStats":
+        """Fold a batch ``x`` [n, d_ff] in; returns the merged statistics."""
+        return self.merge(NeuronStats.of(x)) if x.shape[0] else self
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased variance [d_ff] (NaN-free: zero when count < 2)."""
+        if self.count < 2:
+            return torch.zeros_like(self.m2)
+        return self.m2 / (self.count - 1)
+
+
+@dataclass
+class ActivationStats:
+    """Per-group, per-MLP neuron statistics.
+
+    ``groups[group][mlp_name]`` is a :class:`NeuronStats`; groups are ``harmful``,
+    ``harmless`` and, with categories, ``harmful/<category>``. ``position`` is the
+    token pooling that produced them (statistics of different poolings never merge).
+    """
+
+    position: str
+    groups: dict[str, dict[str, NeuronStats]] = field(default_factory=dict)
+
+    def add(self, group: str, mlp: str, x: torch.Tensor) -> None:
+        per_mlp = self.groups.setdefault(group, {})
+        current = per_mlp.get(mlp) or NeuronStats.empty(x.shape[-1])
+        per_mlp[mlp] = current.update(x)
+
+    def count(self, group: str) -> int:
+        per_mlp = self.groups.get(group, {})
+        return next(iter(per_mlp.values())).count if per_mlp else 0
+
+    def merge(self, other: "ActivationStats") -> "ActivationStats":
+        if other.position != self.position:
+            raise ValueError(f"cannot merge statistics pooled by {self.position!r} with {other.position!r}")
+        out = ActivationStats(self.position, {g: dict(m) for g, m in self.groups.items()})
+        for group, per_mlp in other.groups.items():
+            target = out.groups.setdefault(group, {})
+            for mlp, stats in per_mlp.items():
+                target[mlp] = target[mlp].merge(stats) if mlp in target else stats
+        return out
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat dict for safetensors: ``<group>|<mlp>.{count,mean,m2}``."""
+        out = {}
+        for group, per_mlp in self.groups.items():
+            for mlp, s in per_mlp.items():
+                out[f"{group}|{mlp}.count"] = torch.tensor([s.count], dtype=torch.int64)
+                out[f"{group}|{mlp}.mean"] = s.mean
+                out[f"{group}|{mlp}.m2"] = s.m2
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], position: str) -> "ActivationStats":
+        out = cls(position)
+        for key in tensors:
+            if not key.endswith(".count"):
+                continue
+            stem = key[: -len(".count")]
+            group, mlp = stem.split("|", 1)
+            out.groups.setdefault(group, {})[mlp] = NeuronStats(
+                int(tensors[key][0]), tensors[f"{stem}.mean"].to(torch.float64), tensors[f"{stem}.m2"].to(torch.float64)
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- hooks
+@contextlib.contextmanager
+def neuron_hooks(
+    model: nn.Module,
+    fn: Callable[[MLPSite, torch.Tensor], torch.Tensor | None],
+    sites: Sequence[MLPSite] | None = None,
+) -> Iterator[list[MLPSite]]:
+    """Run ``fn(site, acts)`` on every MLP's neuron activations [batch, seq, d_ff].
+
+    ``fn`` may return a replacement tensor (to prune or ablate) or None (to record).
+    The hooks are forward pre-hooks on the down projections and are always removed
+    on exit.
+    """
+    sites = list(sites) if sites is not None else find_mlps(model)
+    handles = []
+
+    def make(site: MLPSite):
+        def pre_hook(module, args, kwargs):
+            new = fn(site, args[0])
+            if new is None:
+                return None
+            return (new, *args[1:]), kwargs
+
+        return pre_hook
+
+    try:
+        for site in sites:
+            handles.append(site.down.register_forward_pre_hook(make(site), with_kwargs=True))
+        yield sites
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pool_tokens(x: torch.Tensor, attention_mask: torch.Tensor, position: str) -> torch.Tensor:
+    """Pool activations [batch, seq, d] over non-padding tokens to [batch, d] float32.
+
+    ``max``: maximum over the prompt's tokens; ``last``: the final non-padding token
+    (the end of the generation prompt); ``mean``: average over the prompt's tokens.
+    Padding positions (``attention_mask == 0``) never enter.
+    """
+    mask = attention_mask.to(device=x.device, dtype=torch.bool)
+    if position == "max":
+        return x.masked_fill(~mask[..., None], float("-inf")).amax(1).float()
+    if position == "last":
+        positions = torch.arange(mask.shape[1], device=x.device)
+        last = (positions * mask).argmax(1)  # index of the last real token, any padding side
+        return x[torch.arange(x.shape[0], device=x.device), last].float()
+    if position == "mean":
+        total = x.float().masked_fill(~mask[..., None], 0.0).sum(1)
+        return total / mask.sum(1, keepdim=True).clamp_min(1).float()
+    raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
+
+
+# --------------------------------------------------------------------------- batching
+@dataclass
+class Batch:
+    """One tokenised batch: the prompts' indices in the input list and the model inputs."""
+
+    indices: list[int]
+    inputs: dict[str, torch.Tensor]
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # keep the generation prompt when truncating
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def iter_batches(
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int,
+    max_length: int = 512,
+    device: torch.device | str = "cpu",
+) -> list[Batch]:
+    """Render, tokenise and batch prompts, grouped by length to minimise padding.
+
+    Batches are left-padded; the order is deterministic (longest first).
+    Prompts longer than ``max_length`` tokens are truncated from the left, with a warning.
+    """
+    _prepare_tokenizer(tokenizer)
+    texts = render_chat(tokenizer, prompts)
+    special = not bool(getattr(tokenizer, "chat_template", None))
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    too_long = sum(n > max_length for n in lengths)
+    if too_long:
+        logger.warning("%d prompts are longer than max_length=%d tokens and were truncated", too_long, max_length)
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [texts[i] for i in idx],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            add_special_tokens=special,
+        )
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        batches.append(Batch(idx, {k: v.to(device) for k, v in inputs.items()}))
+    return batches
+
+
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    kwargs = dict(inputs, use_cache=False)
+    try:
+        model(**kwargs, logits_to_keep=1)  # skip the full-vocabulary head: only MLPs matter
+    except TypeError:
+        model(**kwargs)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------- recording
+def record_activations(
+    model: nn.Module,
+    tokenizer,
+    prompt_sets: Mapping[str, PromptSet],
+    *,
+    position: str = "max",
+    batch_size: int = 16,
+    max_length: int = 512,
+    by_category: bool = False,
+    stats: ActivationStats | None = None,
+    skip_batches: int = 0,
+    on_batch: Callable[[int, ActivationStats], None] | None = None,
+    progress: bool = True,
+    sites: Sequence[MLPSite] | None = None,
+) -> ActivationStats:
+    """Stream neuron statistics for each labelled prompt set, in one pass.
+
+    Args:
+        prompt_sets: label -> prompts, e.g. ``{"harmful": ..., "harmless": ...}``.
+        position: token pooling, one of :data:`POSITIONS`.
+        by_category: also keep statistics per ``<label>/<category>``.
+        stats: statistics to continue from (resume); ``skip_batches`` batches of the
+            deterministic batch order are then skipped.
+        on_batch: called as ``on_batch(batches_done, stats)`` after every batch
+            (checkpointing).
+
+    Returns:
+        The statistics; nothing of size [prompts, layers, d_ff] is ever held.
+    """
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
+    stats = stats if stats is not None else ActivationStats(position)
+    prompts: list[str] = []
+    groups: list[list[str]] = []
+    for label, ps in prompt_sets.items():
+        for p, c in zip(ps.prompts, ps.categories):
+            prompts.append(p)
+            groups.append([label] + ([f"{label}/{c}"] if by_category and c is not None else []))
+
+    batches = iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model))
+    state: dict = {}
+
+    def record(site: MLPSite, acts: torch.Tensor) -> None:
+        pooled = pool_tokens(acts.detach(), state["mask"], position).cpu()
+        for group, rows in state["rows"].items():
+            stats.add(group, site.name, pooled[rows] if len(rows) < pooled.shape[0] else pooled)
+        return None
+
+    was_training = model.training
+    model.eval()
+    try:
+        with neuron_hooks(model, record, sites), torch.no_grad():
+            bar = tqdm(total=len(prompts), desc="recording", unit="prompt", disable=not progress)
+            for b, batch in enumerate(batches):
+                if b < skip_batches:
+                    bar.update(len(batch.indices))
+                    continue
+                rows: dict[str, list[int]] = {}
+                for r, i in enumerate(batch.indices):
+                    for g in groups[i]:
+                        rows.setdefault(g, []).append(r)
+                state["mask"] = batch.inputs["attention_mask"]
+                state["rows"] = {g: torch.tensor(r) for g, r in rows.items()}
+                _forward(model, batch.inputs)
+                bar.update(len(batch.indices))
+                if on_batch is not None:
+                    on_batch(b + 1, stats)
+            bar.close()
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def collect_activations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    position: str = "max",
+    point: str = "neurons",
+    batch_size: int = 16,
+    max_length: int = 512,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Materialise pooled activations [n_prompts, d] per module (input order kept).
+
+    ``point="neurons"`` records the neuron activations (keys: MLP names);
+    ``point="up_outputs"`` records the outputs of the up-side projections as
+    NeuroStrike does (keys ``<mlp>.gate_proj``, ``<mlp>.up_proj``; a fused gate_up is
+    split into its gate and up halves). Memory grows with the prompts: this is for
+    probes, tests and baselines, not for the default identification path.
+    """
+    sites = find_mlps(model)
+    n = len(prompts)
+    store: dict[str, torch.Tensor] = {}
+    state: dict = {}
+
+    def put(key: str, pooled: torch.Tensor) -> None:
+        if key not in store:
+            store[key] = torch.empty(n, pooled.shape[-1], dtype=torch.float32)
+        store[key][state["idx"]] = pooled.cpu()
+
+    handles = []
+    if point == "neurons":
+        ctx = neuron_hooks(model, lambda site, acts: put(site.name, pool_tokens(acts, state["mask"], position)), sites)
+    elif point == "up_outputs":
+        for site in sites:
+            for up_name, up in zip(site.up_names, site.ups):
+
+                def hook(module, args, out, site=site, up_name=up_name):
+                    if up_name == "gate_up_proj":  # Phi-3: [gate | up]
+                        gate, upv = out.chunk(2, dim=-1)
+                        put(f"{site.name}.gate_proj", pool_tokens(gate, state["mask"], position))
+                        put(f"{site.name}.up_proj", pool_tokens(upv, state["mask"], position))
+                    else:
+                        put(f"{site.name}.{up_name}", pool_tokens(out, state["mask"], position))
+
+                handles.append(up.register_forward_hook(hook))
+        ctx = contextlib.nullcontext()
+    else:
+        raise ValueError(f"unknown recording point {point!r}; choose 'neurons' or 'up_outputs'")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx, torch.no_grad():
+            for batch in tqdm(iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model)),
+                              desc="collecting", unit="batch", disable=not progress):
+                state["mask"] = batch.inputs["attention_mask"]
+                state["idx"] = torch.tensor(batch.indices)
+                _forward(model, batch.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return store

@@ -1,0 +1,297 @@
+"""Prompt sets: the built-in ones, CSV/JSON/JSONL files, Hugging Face datasets.
+
+A :class:`PromptSet` is a list of instruction strings with an optional harm category
+each. Prompts are turned into model input with :func:`render_chat`: the single user
+message ``[{"role": "user", "content": prompt}]`` rendered with the tokenizer's own
+chat template and the generation prompt (no system prompt of ours).
+"""
+
+from __future__ import annotations
+
+from safeneuron.errors import SafeneuronError
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from safeneuron.artifacts import sha256_text
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PromptSet", "PromptFileError", "load_prompts", "render_chat", "builtin_path", "PROMPT_COLUMNS"]
+
+#: Column names recognised as the prompt, in order of preference (case-insensitive).
+PROMPT_COLUMNS = ("prompt", "goal", "behavior", "instruction", "question", "text")
+#: Column names recognised as the harm category.
+CATEGORY_COLUMNS = ("category", "semanticcategory", "semantic_category", "harm_category")
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_SETS = ("harmful", "harmless", "xstest_like")
+
+
+class PromptFileError(SafeneuronError):
+    """A prompt file or dataset cannot be used (missing, empty, no prompt column, ...)."""
+
+
+def builtin_path(name: str) -> Path:
+    """Path of a built-in data file (e.g. ``harmful.jsonl``, ``refusal_phrases.json``)."""
+    path = BUILTIN_DIR / name
+    if not path.exists():
+        raise PromptFileError(f"no built-in file {name!r} in {BUILTIN_DIR}")
+    return path
+
+
+@dataclass
+class PromptSet:
+    """Instructions with optional categories.
+
+    Attributes:
+        prompts: the instruction strings.
+        categories: one category (or None) per prompt.
+        source: where they came from (``builtin:harmful``, a path, ``hf:<name>``).
+    """
+
+    prompts: list[str]
+    categories: list[str | None] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.categories:
+            self.categories = [None] * len(self.prompts)
+        if len(self.categories) != len(self.prompts):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.categories)} categories")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the prompts and categories, in order."""
+        return sha256_text(*(f"{c}\t{p}" for p, c in zip(self.prompts, self.categories)))
+
+    def category_names(self) -> list[str]:
+        """Distinct categories in first-seen order (None excluded)."""
+        return list(dict.fromkeys(c for c in self.categories if c is not None))
+
+    def subset(self, indices: Iterable[int], source: str | None = None) -> "PromptSet":
+        idx = list(indices)
+        return PromptSet([self.prompts[i] for i in idx], [self.categories[i] for i in idx], source or self.source)
+
+    def limit(self, n: int | None, seed: int = 0) -> "PromptSet":
+        """At most ``n`` prompts, a seeded random sample keeping the original order."""
+        if n is None or n >= len(self):
+            return self
+        idx = sorted(random.Random(seed).sample(range(len(self)), n))
+        return self.subset(idx, f"{self.source}[{n}]")
+
+    def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["PromptSet", "PromptSet"]:
+        """Two disjoint random parts: the first has ``round(fraction * len)`` prompts."""
+        idx = list(range(len(self)))
+        random.Random(seed).shuffle(idx)
+        k = round(fraction * len(idx))
+        return self.subset(sorted(idx[:k])), self.subset(sorted(idx[k:]))
+
+    def by_category(self) -> dict[str, "PromptSet"]:
+        """One PromptSet per category."""
+        out: dict[str, list[int]] = {}
+        for i, c in enumerate(self.categories):
+            if c is not None:
+                out.setdefault(c, []).append(i)
+        return {c: self.subset(idx, f"{self.source}:{c}") for c, idx in out.items()}
+
+
+def _pick(columns: Sequence[str], wanted: Sequence[str]) -> str | None:
+    lower = {c.lower().strip(): c for c in columns}
+    for name in wanted:
+        if name in lower:
+            return lower[name]
+    return None
+
+
+def _from_records(records: list, source: str, column: str | None) -> PromptSet:
+    if not records:
+        raise PromptFileError(f"{source}: no prompts (empty file)")
+    if all(isinstance(r, str) for r in records):
+        return PromptSet(list(records), source=source)
+    if not all(isinstance(r, dict) for r in records):
+        raise PromptFileError(f"{source}: expected a list of strings or of objects with a prompt field")
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    prompt_col = column if column is not None else _pick(columns, PROMPT_COLUMNS)
+    if prompt_col is None or prompt_col not in columns:
+        raise PromptFileError(
+            f"{source}: no prompt column (looked for {column or '/'.join(PROMPT_COLUMNS)}; found {', '.join(columns) or 'none'}); "
+            "name the column with --prompt-column"
+        )
+    if "FunctionalCategory" in columns:  # HarmBench: only the plain behaviours are prompts on their own
+        kept = [r for r in records if r.get("FunctionalCategory") in (None, "", "standard")]
+        if len(kept) < len(records):
+            logger.info("%s: kept %d 'standard' of %d HarmBench rows", source, len(kept), len(records))
+        records = kept
+    cat_col = _pick(columns, CATEGORY_COLUMNS)
+    prompts, categories = [], []
+    for r in records:
+        value = r.get(prompt_col)
+        if value is None:
+            continue
+        prompts.append(str(value))
+        cat = r.get(cat_col) if cat_col else None
+        categories.append(str(cat) if cat not in (None, "") else None)
+    return PromptSet(prompts, categories, source)
+
+
+def _read_file(path: Path, column: str | None) -> PromptSet:
+    if not path.exists():
+        raise PromptFileError(f"{path}: prompt file not found")
+    if path.is_dir():
+        raise PromptFileError(f"{path}: is a directory, expected a CSV/JSON/JSONL file")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        raise PromptFileError(f"{path}: binary file, expected a CSV/JSON/JSONL prompt file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PromptFileError(f"{path}: not UTF-8 text, expected a CSV/JSON/JSONL prompt file") from None
+    if not text.strip():
+        raise PromptFileError(f"{path}: no prompts (empty file)")
+    suffix = path.suffix.lower()
+    source = str(path)
+    if suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise PromptFileError(f"{path}:{n}: malformed JSON line ({err.msg})") from None
+        return _from_records(records, source, column)
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
+        if isinstance(data, dict):  # {"prompts": [...]} or {"train": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise PromptFileError(f"{path}: expected a JSON list of prompts (or an object holding one list)")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise PromptFileError(f"{path}: expected a JSON list of prompts")
+        return _from_records(data, source, column)
+    if suffix in (".csv", ".tsv", ".txt"):
+        if suffix == ".txt":
+            return _from_records([ln.strip() for ln in text.splitlines() if ln.strip()], source, column)
+        try:
+            rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+        except csv.Error as err:
+            raise PromptFileError(f"{path}: malformed CSV ({err})") from None
+        return _from_records(rows, source, column)
+    raise PromptFileError(f"{path}: unknown prompt file type {suffix!r} (use .csv, .tsv, .json, .jsonl or .txt)")
+
+
+def _read_hf(name: str, column: str | None, split: str) -> PromptSet:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise PromptFileError("loading a Hugging Face dataset needs the `datasets` package") from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # offline, unknown name, gated, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PromptFileError(
+            f"hf:{name}: cannot load the Hugging Face dataset ({first}); pass a local CSV/JSON/JSONL file instead"
+        ) from None
+    return _from_records([dict(r) for r in ds], f"hf:{name}", column)
+
+
+def _clean(ps: PromptSet) -> PromptSet:
+    """Drop blank and duplicated prompts (with a warning)."""
+    seen: set[str] = set()
+    keep = []
+    blank = dup = 0
+    for i, p in enumerate(ps.prompts):
+        s = p.strip()
+        if not s:
+            blank += 1
+        elif s in seen:
+            dup += 1
+        else:
+            seen.add(s)
+            keep.append(i)
+    if blank or dup:
+        logger.warning("%s: dropped %d blank and %d duplicated prompts", ps.source, blank, dup)
+    out = PromptSet([ps.prompts[i].strip() for i in keep], [ps.categories[i] for i in keep], ps.source)
+    if not out.prompts:
+        raise PromptFileError(f"{ps.source}: no prompts (all blank)")
+    return out
+
+
+def load_prompts(
+    source: str | Path | None = None,
+    *,
+    default: str = "harmful",
+    column: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+) -> PromptSet:
+    """Load a prompt set.
+
+    Args:
+        source: ``None`` or ``"builtin"`` for the built-in ``default`` set,
+            ``"builtin:<name>"`` (harmful, harmless, xstest_like), a CSV/TSV/JSON/JSONL/TXT
+            path, or ``"hf:<dataset>"`` for a Hugging Face dataset.
+        default: built-in set used when ``source`` is None.
+        column: prompt column (detected among :data:`PROMPT_COLUMNS` when None).
+        split: dataset split for ``hf:`` sources.
+        limit: keep at most this many prompts (seeded random sample, order kept).
+    """
+    if source is None or str(source) == "builtin":
+        source = f"builtin:{default}"
+    src = str(source)
+    if src.startswith("builtin:"):
+        name = src.split(":", 1)[1]
+        if name not in BUILTIN_SETS:
+            raise PromptFileError(f"unknown built-in prompt set {name!r}; choose one of {', '.join(BUILTIN_SETS)}")
+        ps = _read_file(builtin_path(f"{name}.jsonl"), column)
+        ps.source = src
+    elif src.startswith("hf:"):
+        ps = _read_hf(src[3:], column, split)
+    else:
+        ps = _read_file(Path(src), column)
+    return _clean(ps).limit(limit, seed)
+
+
+#: Format used when a tokenizer has no chat template.
+PLAIN_FORMAT = "User: {prompt}\nAssistant:"
+
+
+def render_chat(tokenizer, prompts: Sequence[str], response: Sequence[str] | None = None) -> list[str]:
+    """Render each prompt as a one-turn chat ready for generation.
+
+    Uses the tokenizer's chat template with ``add_generation_prompt=True`` and no
+    system prompt of ours; falls back to :data:`PLAIN_FORMAT` when the tokenizer has
+    no template. With ``response``, each rendered prompt is followed by that text.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if not has_template and not getattr(tokenizer, "_safeneuron_warned", False):
+        logger.warning("tokenizer has no chat template; using the plain format %r", PLAIN_FORMAT)
+        try:
+            tokenizer._safeneuron_warned = True
+        except AttributeError:  # pragma: no cover
+            pass
+    out = []
+    for i, p in enumerate(prompts):
+        if has_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = PLAIN_FORMAT.format(prompt=p)
+        if response is not None:
+            text += response[i]
+        out.append(text)
+    return out

@@ -1,0 +1,367 @@
+"""Safety-neuron identification: record, score, select, write artifacts.
+
+Pipeline (each step a small function)::
+
+    load prompts -> record_activations (one streaming pass, both classes)
+                 -> score_stats (ES, T, SAS per neuron)
+                 -> select_safety_neurons (ES set, SAS set, union)
+                 -> write scores.safetensors, safety_neurons.safetensors, identify.json
+
+Artifacts in ``out/`` (a contract; keys start with the MLP's module name, e.g.
+``model.layers.3.mlp``):
+
+* ``scores.safetensors``: float32 [d_ff] ``<mlp>.mean_harmful``, ``.mean_harmless``,
+  ``.var_harmful``, ``.var_harmless`` (unbiased), ``.es``, ``.t``, ``.shift``, ``.sas``
+  (NeuroStrike: ``.probe_gate``, ``.probe_up`` probe weights).
+* ``safety_neurons.safetensors``: bool [d_ff] ``<mlp>.es``, ``.sas``, ``.union``
+  (NeuroStrike: ``.probe_gate``, ``.probe_up``, ``.union``).
+* ``stats.safetensors``: the raw streaming statistics (count/mean/M2 per group),
+  mergeable with another run's.
+* ``categories/<category>.safetensors``: per-category sets (``--by-category``).
+* ``identify.json``: settings, sizes, hashes, selections per layer, expected false
+  selections, timings.
+"""
+
+from __future__ import annotations
+
+from safeneuron.errors import SafeneuronError
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from safeneuron import __version__
+from safeneuron.activations import ActivationStats, collect_activations, record_activations
+from safeneuron.arch import find_mlps
+from safeneuron.artifacts import ArtifactError, load_tensors, read_json, save_tensors, write_json
+from safeneuron.config import IdentifyConfig, settings_hash
+from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts
+from safeneuron.masks import SafetyNeuronMask
+from safeneuron.models import LoadedModel, load_model, weights_hash
+from safeneuron.scoring import (
+    NeuronScores,
+    cap_top_frac,
+    default_tau_es,
+    es_threshold_as_t,
+    expected_false_selections,
+    false_selection_bound,
+    neurostrike_probe,
+    neurostrike_select,
+    one_sided_p,
+    score_neurons,
+    select_by_t,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Identification", "identify", "score_stats", "select_safety_neurons", "OutputDirError", "versions"]
+
+# Fields that do not change the result (excluded from the settings hash).
+_NOT_RESULT = ("device", "batch_size", "checkpoint_every", "trust_remote_code")
+
+
+class OutputDirError(SafeneuronError):
+    """The output directory holds artifacts of different settings."""
+
+
+@dataclass
+class Identification:
+    """Result of an identification: per-MLP scores, the selected sets, the manifest."""
+
+    scores: dict[str, dict[str, torch.Tensor]]
+    sets: dict[str, SafetyNeuronMask]
+    manifest: dict
+
+    @property
+    def union(self) -> SafetyNeuronMask:
+        return self.sets["union"]
+
+    @classmethod
+    def load(cls, out: str | Path) -> "Identification":
+        """Reopen the artifacts of a finished identification."""
+        out = Path(out)
+        manifest = read_json(out / "identify.json")
+        raw = load_tensors(out / "scores.safetensors")
+        scores: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in raw.items():
+            mlp, name = key.rsplit(".", 1)
+            scores.setdefault(mlp, {})[name] = value
+        sets = {s: SafetyNeuronMask.load(out / "safety_neurons.safetensors", set=s) for s in manifest["sets"]}
+        return cls(scores, sets, manifest)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"safeneuron": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+# --------------------------------------------------------------------------- pure steps
+def score_stats(stats: ActivationStats, harmful: str = "harmful", harmless: str = "harmless") -> dict[str, NeuronScores]:
+    """ES, T, shift and SAS for every MLP from two groups' statistics."""
+    if harmful not in stats.groups or harmless not in stats.groups:
+        raise ValueError(f"statistics lack group {harmful!r} or {harmless!r} (have {', '.join(stats.groups)})")
+    return {mlp: score_neurons(s, stats.groups[harmless][mlp]) for mlp, s in stats.groups[harmful].items()}
+
+
+def select_safety_neurons(
+    scores: dict[str, NeuronScores],
+    n_harmful: int,
+    n_harmless: int,
+    *,
+    tau_es: float,
+    tau_sas: float,
+    select: str = "threshold",
+    alpha: float = 0.05,
+    correction: str = "bh",
+    top_frac: float | None = None,
+) -> dict[str, SafetyNeuronMask]:
+    """The ES set, the SAS set and their union, per MLP.
+
+    ES: ``d > tau_es`` (or, with ``select="t"``, one-sided p-value of T below the
+    Bonferroni/BH cut over all neurons). SAS: ``z > tau_sas`` and ``shift > 0``.
+    ``top_frac`` caps each set per layer by its own score.
+    """
+    names = list(scores)
+    if select == "t":
+        p = torch.cat([one_sided_p(scores[n].t) for n in names])
+        flat = select_by_t(p, alpha, correction)
+        es_sets, start = {}, 0
+        for n in names:
+            width = scores[n].t.numel()
+            es_sets[n] = flat[start : start + width].clone()
+            start += width
+    else:
+        es_sets = {n: scores[n].es > tau_es for n in names}
+    sas_sets = {n: (scores[n].sas > tau_sas) & (scores[n].shift > 0) for n in names}
+    if top_frac is not None:
+        es_sets = {n: cap_top_frac(es_sets[n], scores[n].es, top_frac) for n in names}
+        sas_sets = {n: cap_top_frac(sas_sets[n], scores[n].sas, top_frac) for n in names}
+    es = SafetyNeuronMask(es_sets)
+    sas = SafetyNeuronMask(sas_sets)
+    return {"es": es, "sas": sas, "union": es | sas}
+
+
+# --------------------------------------------------------------------------- NeuroStrike
+def _neurostrike(loaded: LoadedModel, harmful: PromptSet, harmless: PromptSet, config: IdentifyConfig, progress: bool):
+    """NeuroStrike identification: gate/up outputs (max over tokens) -> per-module probes."""
+    sites = find_mlps(loaded.model)
+    prompts = harmful.prompts + harmless.prompts
+    labels = torch.tensor([1.0] * len(harmful) + [0.0] * len(harmless))
+    acts = collect_activations(loaded.model, loaded.tokenizer, prompts, position=config.position, point="up_outputs",
+                               batch_size=config.batch_size, max_length=config.max_length, progress=progress)
+    t0 = time.perf_counter()
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    sets = {k: {} for k in ("probe_gate", "probe_up")}
+    device = loaded.model.device if hasattr(loaded.model, "device") else torch.device("cpu")
+    from tqdm.auto import tqdm
+
+    for site in tqdm(sites, desc="probes", unit="mlp", disable=not progress):
+        for key in sorted(k for k in acts if k.startswith(site.name + ".")):
+            kind = "probe_gate" if key.endswith("gate_proj") else "probe_up"
+            w = neurostrike_probe(acts[key].to(device), labels.to(device), epochs=config.neurostrike_epochs, seed=1234)
+            scores.setdefault(site.name, {})[kind] = w.float()
+            sets[kind][site.name] = neurostrike_select(w, config.neurostrike_z)
+    probe_s = time.perf_counter() - t0
+    masks = {}
+    for kind, per in sets.items():
+        if per:
+            masks[kind] = SafetyNeuronMask({s.name: per.get(s.name, torch.zeros(s.d_ff, dtype=torch.bool)) for s in sites})
+    union = None
+    for m in masks.values():
+        union = m if union is None else union | m
+    masks["union"] = union
+    return scores, masks, probe_s
+
+
+# --------------------------------------------------------------------------- the stage
+def _load_sets(config: IdentifyConfig) -> tuple[PromptSet, PromptSet]:
+    harmful = load_prompts(config.harmful, default="harmful", column=config.prompt_column,
+                           limit=config.max_prompts, seed=config.seed)
+    harmless = load_prompts(config.harmless, default="harmless", column=config.prompt_column,
+                            limit=config.max_prompts, seed=config.seed)
+    for label, ps in (("harmful", harmful), ("harmless", harmless)):
+        if len(ps) < 2:
+            raise PromptFileError(f"{ps.source}: {len(ps)} {label} prompt(s); statistics need at least 2 per class")
+    return harmful, harmless
+
+
+def _run_key(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None) -> str:
+    from safeneuron.artifacts import sha256_text
+
+    return sha256_text(settings_hash(config, _NOT_RESULT), harmful.sha256, harmless.sha256, str(whash))[:16]
+
+
+def identify(
+    config: IdentifyConfig | None = None,
+    out: str | Path = "identify",
+    *,
+    loaded: LoadedModel | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Identification:
+    """Identify safety neurons and write the artifacts to ``out``.
+
+    Skipped (artifacts reopened) when ``out`` already holds a finished identification
+    of the same settings, prompts and weights; resumes from partial statistics after
+    a kill; refuses to mix with another run's artifacts unless ``overwrite``.
+    """
+    config = config or IdentifyConfig()
+    config.validate()
+    out = Path(out)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    harmful, harmless = _load_sets(config)
+
+    t0 = time.perf_counter()
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device,
+                            trust_remote_code=config.trust_remote_code)
+    timings["load_s"] = time.perf_counter() - t0
+    whash = weights_hash(loaded.path)
+    run_key = _run_key(config, harmful, harmless, whash)
+
+    manifest_path = out / "identify.json"
+    if manifest_path.exists():
+        try:
+            previous = read_json(manifest_path)
+        except ArtifactError:
+            previous = {}
+        if previous.get("run_key") == run_key and not overwrite:
+            logger.info("%s: identification already complete; reusing it", out)
+            return Identification.load(out)
+        if not overwrite:
+            raise OutputDirError(
+                f"{out} holds an identification with other settings, prompts or weights; "
+                "pass --overwrite or choose another --out"
+            )
+        for name in ("identify.json", "scores.safetensors", "safety_neurons.safetensors", "stats.safetensors"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "categories", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model_type = loaded.model_type
+    tau_es = config.tau_es if config.tau_es is not None else default_tau_es(model_type)
+    sites = find_mlps(loaded.model)
+    n_neurons = sum(s.d_ff for s in sites)
+    categories_out: dict[str, dict] = {}
+
+    if config.method == "neurostrike":
+        t0 = time.perf_counter()
+        raw_scores, sets, probe_s = _neurostrike(loaded, harmful, harmless, config, progress)
+        timings["record_s"] = time.perf_counter() - t0 - probe_s
+        timings["probe_s"] = probe_s
+        flat_scores = {f"{mlp}.{k}": v for mlp, d in raw_scores.items() for k, v in d.items()}
+        expected_false = None
+    else:
+        stats, timings["record_s"] = _record_with_checkpoints(loaded, harmful, harmless, config, out, run_key, progress)
+        t0 = time.perf_counter()
+        scores = score_stats(stats)
+        sets = select_safety_neurons(scores, len(harmful), len(harmless), tau_es=tau_es, tau_sas=config.tau_sas,
+                                     select=config.select, alpha=config.alpha, correction=config.correction,
+                                     top_frac=config.top_frac)
+        timings["score_s"] = time.perf_counter() - t0
+        flat_scores = {f"{mlp}.{k}": v for mlp, s in scores.items() for k, v in s.as_dict().items()}
+        expected_false = expected_false_selections(n_neurons, tau_es, len(harmful), len(harmless))
+        save_tensors(out / "stats.safetensors", stats.to_tensors(), {"position": config.position})
+        if config.by_category:
+            categories_out = _write_categories(stats, config, tau_es, out)
+
+    t0 = time.perf_counter()
+    save_tensors(out / "scores.safetensors", flat_scores)
+    save_tensors(out / "safety_neurons.safetensors",
+                 {f"{mlp}.{name}": m for name, mask in sets.items() for mlp, m in mask.masks.items()})
+    per_layer = {s.name: {name: int(mask.masks[s.name].sum()) for name, mask in sets.items()} for s in sites}
+    totals = {name: mask.count() for name, mask in sets.items()}
+    timings["write_s"] = time.perf_counter() - t0
+    timings["wall_s"] = time.perf_counter() - t_start
+    manifest = {
+        "method": config.method,
+        "model": loaded.name,
+        "model_path": loaded.path,
+        "model_type": model_type,
+        "weights_sha256": whash,
+        "n_layers": len(sites),
+        "d_ff": sites[0].d_ff,
+        "n_neurons": n_neurons,
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+        "harmful": {"source": harmful.source, "sha256": harmful.sha256, "n": len(harmful)},
+        "harmless": {"source": harmless.source, "sha256": harmless.sha256, "n": len(harmless)},
+        "position": config.position,
+        "tau_es": tau_es,
+        "tau_sas": config.tau_sas,
+        "tau_t": es_threshold_as_t(tau_es, len(harmful), len(harmless)),
+        "false_selection_bound_per_neuron": false_selection_bound(es_threshold_as_t(tau_es, len(harmful), len(harmless))),
+        "expected_false_selections": expected_false,
+        "sets": list(sets),
+        "selected_total": totals,
+        "selected_fraction": {k: v / n_neurons for k, v in totals.items()},
+        "selected_per_layer": per_layer,
+        "categories": categories_out,
+        "settings": asdict(config),
+        "run_key": run_key,
+        "timings": timings,
+        "wall_time_s": timings["wall_s"],
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(manifest_path, manifest)  # written last: its presence marks the stage complete
+    shutil.rmtree(out / ".partial", ignore_errors=True)
+    return Identification.load(out)
+
+
+def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_key: str, progress: bool):
+    """Record statistics, saving them every few batches under ``out/.partial`` and resuming from there."""
+    partial = out / ".partial"
+    stats, skip = None, 0
+    progress_file = partial / "progress.json"
+    if progress_file.exists():
+        try:
+            info = read_json(progress_file)
+            if info.get("run_key") == run_key and info.get("batch_size") == config.batch_size:
+                stats = ActivationStats.from_tensors(load_tensors(partial / "stats.safetensors"), config.position)
+                skip = int(info["batches_done"])
+                logger.info("resuming identification after %d batches", skip)
+        except (ArtifactError, KeyError, ValueError):
+            stats, skip = None, 0
+
+    def checkpoint(batches_done: int, current: ActivationStats) -> None:
+        if batches_done % config.checkpoint_every:
+            return
+        save_tensors(partial / "stats.safetensors", current.to_tensors())
+        write_json(progress_file, {"run_key": run_key, "batch_size": config.batch_size, "batches_done": batches_done})
+
+    t0 = time.perf_counter()
+    stats = record_activations(
+        loaded.model, loaded.tokenizer, {"harmful": harmful, "harmless": harmless},
+        position=config.position, batch_size=config.batch_size, max_length=config.max_length,
+        by_category=config.by_category, stats=stats, skip_batches=skip, on_batch=checkpoint, progress=progress,
+    )
+    return stats, time.perf_counter() - t0
+
+
+def _write_categories(stats: ActivationStats, config: IdentifyConfig, tau_es: float, out: Path) -> dict[str, dict]:
+    """Per-category sets: each harm category's prompts against all harmless prompts."""
+    result = {}
+    n_s = stats.count("harmless")
+    for group in sorted(g for g in stats.groups if g.startswith("harmful/")):
+        category = group.split("/", 1)[1]
+        n_u = stats.count(group)
+        if n_u < 2:
+            logger.warning("category %r has %d prompt(s); skipped (statistics need 2)", category, n_u)
+            continue
+        scores = score_stats(stats, harmful=group)
+        sets = select_safety_neurons(scores, n_u, n_s, tau_es=tau_es, tau_sas=config.tau_sas, select=config.select,
+                                     alpha=config.alpha, correction=config.correction, top_frac=config.top_frac)
+        safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in category)
+        save_tensors(out / "categories" / f"{safe_name}.safetensors",
+                     {f"{mlp}.{name}": m for name, mask in sets.items() for mlp, m in mask.masks.items()})
+        result[category] = {"file": f"categories/{safe_name}.safetensors", "n_harmful": n_u,
+                            "selected_total": {k: v.count() for k, v in sets.items()}}
+    return result

