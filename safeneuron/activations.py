@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -269,7 +269,7 @@ def record_activations(
     position: str = "max",
     batch_size: int = 16,
     max_length: int = 512,
-    by_category: bool = False,
+    by_category: bool | Collection[str] = False,
     stats: ActivationStats | None = None,
     skip_batches: int = 0,
     on_batch: Callable[[int, ActivationStats], None] | None = None,
@@ -281,7 +281,8 @@ def record_activations(
     Args:
         prompt_sets: label -> prompts, e.g. ``{"harmful": ..., "harmless": ...}``.
         position: token pooling, one of :data:`POSITIONS`.
-        by_category: also keep statistics per ``<label>/<category>``.
+        by_category: also keep statistics per ``<label>/<category>`` (True: for every
+            label; a collection of labels: for those only).
         stats: statistics to continue from (resume); ``skip_batches`` batches of the
             deterministic batch order are then skipped.
         on_batch: called as ``on_batch(batches_done, stats)`` after every batch
@@ -296,9 +297,10 @@ def record_activations(
     prompts: list[str] = []
     groups: list[list[str]] = []
     for label, ps in prompt_sets.items():
+        split = by_category is True or (not isinstance(by_category, bool) and label in by_category)
         for p, c in zip(ps.prompts, ps.categories):
             prompts.append(p)
-            groups.append([label] + ([f"{label}/{c}"] if by_category and c is not None else []))
+            groups.append([label] + ([f"{label}/{c}"] if split and c is not None else []))
 
     batches = iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model))
     state: dict = {}

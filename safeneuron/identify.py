@@ -41,6 +41,7 @@ from safeneuron.arch import find_mlps
 from safeneuron.artifacts import ArtifactError, load_tensors, read_json, save_tensors, write_json
 from safeneuron.config import IdentifyConfig, settings_hash
 from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts
+from safeneuron.distributed import all_merge_stats, barrier, shard, world
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model, weights_hash
 from safeneuron.scoring import (
@@ -225,6 +226,7 @@ def identify(
     timings["load_s"] = time.perf_counter() - t0
     whash = weights_hash(loaded.path)
     run_key = _run_key(config, harmful, harmless, whash)
+    rank, size = world()
 
     manifest_path = out / "identify.json"
     if manifest_path.exists():
@@ -240,9 +242,11 @@ def identify(
                 f"{out} holds an identification with other settings, prompts or weights; "
                 "pass --overwrite or choose another --out"
             )
-        for name in ("identify.json", "scores.safetensors", "safety_neurons.safetensors", "stats.safetensors"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "categories", ignore_errors=True)
+        barrier()  # every process has read the old manifest before it goes
+        if rank == 0:
+            for name in ("identify.json", "scores.safetensors", "safety_neurons.safetensors", "stats.safetensors"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "categories", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
     model_type = loaded.model_type
@@ -252,6 +256,8 @@ def identify(
     categories_out: dict[str, dict] = {}
 
     if config.method == "neurostrike":
+        if size > 1:
+            raise OutputDirError("--method neurostrike runs in one process; launch it without accelerate/torchrun")
         t0 = time.perf_counter()
         raw_scores, sets, probe_s = _neurostrike(loaded, harmful, harmless, config, progress)
         timings["record_s"] = time.perf_counter() - t0 - probe_s
@@ -259,7 +265,13 @@ def identify(
         flat_scores = {f"{mlp}.{k}": v for mlp, d in raw_scores.items() for k, v in d.items()}
         expected_false = None
     else:
-        stats, timings["record_s"] = _record_with_checkpoints(loaded, harmful, harmless, config, out, run_key, progress)
+        stats, timings["record_s"] = _record_with_checkpoints(loaded, shard(harmful), shard(harmless), config, out,
+                                                              run_key, progress and rank == 0)
+        if size > 1:
+            groups = ["harmful", "harmless"]
+            if config.by_category:
+                groups += [f"harmful/{c}" for c in harmful.category_names()]
+            stats = all_merge_stats(stats, groups, [s.name for s in sites])
         t0 = time.perf_counter()
         scores = score_stats(stats)
         sets = select_safety_neurons(scores, len(harmful), len(harmless), tau_es=tau_es, tau_sas=config.tau_sas,
@@ -268,10 +280,14 @@ def identify(
         timings["score_s"] = time.perf_counter() - t0
         flat_scores = {f"{mlp}.{k}": v for mlp, s in scores.items() for k, v in s.as_dict().items()}
         expected_false = expected_false_selections(n_neurons, tau_es, len(harmful), len(harmless))
-        save_tensors(out / "stats.safetensors", stats.to_tensors(), {"position": config.position})
-        if config.by_category:
-            categories_out = _write_categories(stats, config, tau_es, out)
+        if rank == 0:
+            save_tensors(out / "stats.safetensors", stats.to_tensors(), {"position": config.position})
+            if config.by_category:
+                categories_out = _write_categories(stats, config, tau_es, out)
 
+    if rank != 0:  # the main process writes; the others wait and reopen its artifacts
+        barrier()
+        return Identification.load(out)
     t0 = time.perf_counter()
     save_tensors(out / "scores.safetensors", flat_scores)
     save_tensors(out / "safety_neurons.safetensors",
@@ -291,6 +307,7 @@ def identify(
         "n_neurons": n_neurons,
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
+        "processes": size,
         "harmful": {"source": harmful.source, "sha256": harmful.sha256, "n": len(harmful)},
         "harmless": {"source": harmless.source, "sha256": harmless.sha256, "n": len(harmless)},
         "position": config.position,
@@ -313,12 +330,14 @@ def identify(
     }
     write_json(manifest_path, manifest)  # written last: its presence marks the stage complete
     shutil.rmtree(out / ".partial", ignore_errors=True)
+    barrier()
     return Identification.load(out)
 
 
 def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_key: str, progress: bool):
     """Record statistics, saving them every few batches under ``out/.partial`` and resuming from there."""
-    partial = out / ".partial"
+    rank, size = world()
+    partial = out / ".partial" / (f"rank{rank}-of-{size}" if size > 1 else "")
     stats, skip = None, 0
     progress_file = partial / "progress.json"
     if progress_file.exists():
@@ -341,7 +360,7 @@ def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_k
     stats = record_activations(
         loaded.model, loaded.tokenizer, {"harmful": harmful, "harmless": harmless},
         position=config.position, batch_size=config.batch_size, max_length=config.max_length,
-        by_category=config.by_category, stats=stats, skip_batches=skip, on_batch=checkpoint, progress=progress,
+        by_category=("harmful",) if config.by_category else False, stats=stats, skip_batches=skip, on_batch=checkpoint, progress=progress,
     )
     return stats, time.perf_counter() - t0
 
