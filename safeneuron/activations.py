@@ -51,8 +51,12 @@ class NeuronStats:
     m2: torch.Tensor
 
     @classmethod
-    def empty(cls, d_ff: int) -> "NeuronStats":
-        return cls(0, torch.zeros(d_ff, dtype=torch.float64), torch.zeros(d_ff, dtype=torch.float64))
+    def empty(cls, d_ff: int, device: torch.device | str = "cpu") -> "NeuronStats":
+        zeros = torch.zeros(d_ff, dtype=torch.float64, device=device)
+        return cls(0, zeros, zeros.clone())
+
+    def to(self, device: torch.device | str) -> "NeuronStats":
+        return NeuronStats(self.count, self.mean.to(device), self.m2.to(device))
 
     @classmethod
     def of(cls, x: torch.Tensor) -> "NeuronStats":
@@ -99,8 +103,13 @@ class ActivationStats:
 
     def add(self, group: str, mlp: str, x: torch.Tensor) -> None:
         per_mlp = self.groups.setdefault(group, {})
-        current = per_mlp.get(mlp) or NeuronStats.empty(x.shape[-1])
+        current = per_mlp.get(mlp) or NeuronStats.empty(x.shape[-1], x.device)
         per_mlp[mlp] = current.update(x)
+
+    def to(self, device: torch.device | str) -> "ActivationStats":
+        """The same statistics with their tensors on ``device``."""
+        return ActivationStats(self.position, {g: {m: s.to(device) for m, s in per.items()}
+                                               for g, per in self.groups.items()})
 
     def count(self, group: str) -> int:
         per_mlp = self.groups.get(group, {})
@@ -275,6 +284,7 @@ def record_activations(
     on_batch: Callable[[int, ActivationStats], None] | None = None,
     progress: bool = True,
     sites: Sequence[MLPSite] | None = None,
+    stats_device: str = "cpu",
 ) -> ActivationStats:
     """Stream neuron statistics for each labelled prompt set, in one pass.
 
@@ -287,6 +297,9 @@ def record_activations(
             deterministic batch order are then skipped.
         on_batch: called as ``on_batch(batches_done, stats)`` after every batch
             (checkpointing).
+        stats_device: where the float64 accumulators live: ``cpu`` (offloaded, the
+            default; O(layers x d_ff) host memory) or ``model`` (on the model's device,
+            no per-layer transfer: faster on a GPU).
 
     Returns:
         The statistics; nothing of size [prompts, layers, d_ff] is ever held.
@@ -302,11 +315,14 @@ def record_activations(
             prompts.append(p)
             groups.append([label] + ([f"{label}/{c}"] if split and c is not None else []))
 
-    batches = iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model))
+    device = model_device(model)
+    acc_device = device if stats_device == "model" else torch.device("cpu")
+    stats = stats.to(acc_device)
+    batches = iter_batches(tokenizer, prompts, batch_size, max_length, device)
     state: dict = {}
 
     def record(site: MLPSite, acts: torch.Tensor) -> None:
-        pooled = pool_tokens(acts.detach(), state["mask"], position).cpu()
+        pooled = pool_tokens(acts.detach(), state["mask"], position).to(acc_device)
         for group, rows in state["rows"].items():
             stats.add(group, site.name, pooled[rows] if len(rows) < pooled.shape[0] else pooled)
         return None
@@ -325,7 +341,7 @@ def record_activations(
                     for g in groups[i]:
                         rows.setdefault(g, []).append(r)
                 state["mask"] = batch.inputs["attention_mask"]
-                state["rows"] = {g: torch.tensor(r) for g, r in rows.items()}
+                state["rows"] = {g: torch.tensor(r, device=acc_device) for g, r in rows.items()}
                 _forward(model, batch.inputs)
                 bar.update(len(batch.indices))
                 if on_batch is not None:

@@ -65,6 +65,8 @@ class IdentifyConfig:
     """NeuroStrike's z-score threshold on probe weights."""
     checkpoint_every: int = 8
     """Save partial statistics every this many batches (resume after a kill)."""
+    stats_device: str = "cpu"
+    """Where the float64 accumulators live: ``cpu`` (offloaded) or ``model`` (the model's device; faster on GPU)."""
 
     def validate(self) -> None:
         if self.method not in ("stats", "neurostrike"):
@@ -83,6 +85,8 @@ class IdentifyConfig:
             raise ConfigError(f"correction must be 'bh' or 'bonferroni', got {self.correction!r}")
         if self.top_frac is not None and not 0 < self.top_frac <= 1:
             raise ConfigError(f"top_frac must be in (0, 1], got {self.top_frac}")
+        if self.stats_device not in ("cpu", "model"):
+            raise ConfigError(f"stats_device must be 'cpu' or 'model', got {self.stats_device!r}")
         if self.batch_size < 1 or self.max_length < 1:
             raise ConfigError("batch_size and max_length must be >= 1")
         if self.max_prompts is not None and self.max_prompts < 2:

@@ -81,9 +81,10 @@ def all_merge_stats(stats: ActivationStats, groups: list[str], mlps: list[str]) 
     for group in groups:
         per = stats.groups.get(group, {})
         for mlp in mlps:
-            s = per.get(mlp) or NeuronStats.empty(d_ff[mlp])
+            s = (per.get(mlp) or NeuronStats.empty(d_ff[mlp])).to(device)
             # [count, mean..., m2...] as one float64 vector: counts are exact in float64 up to 2**53.
-            packed = torch.cat([torch.tensor([float(s.count)], dtype=torch.float64), s.mean, s.m2]).to(device)
+            count = torch.tensor([float(s.count)], dtype=torch.float64, device=device)
+            packed = torch.cat([count, s.mean, s.m2])
             gathered = [torch.empty_like(packed) for _ in range(size)]
             dist.all_gather(gathered, packed)
             merged = NeuronStats.empty(d_ff[mlp])

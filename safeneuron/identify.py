@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Identification", "identify", "score_stats", "select_safety_neurons", "OutputDirError", "versions"]
 
 # Fields that do not change the result (excluded from the settings hash).
-_NOT_RESULT = ("device", "batch_size", "checkpoint_every", "trust_remote_code")
+_NOT_RESULT = ("device", "batch_size", "checkpoint_every", "trust_remote_code", "stats_device")
 
 
 class OutputDirError(SafeneuronError):
@@ -360,7 +360,8 @@ def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_k
     stats = record_activations(
         loaded.model, loaded.tokenizer, {"harmful": harmful, "harmless": harmless},
         position=config.position, batch_size=config.batch_size, max_length=config.max_length,
-        by_category=("harmful",) if config.by_category else False, stats=stats, skip_batches=skip, on_batch=checkpoint, progress=progress,
+        by_category=("harmful",) if config.by_category else False, stats=stats, skip_batches=skip, on_batch=checkpoint,
+        progress=progress, stats_device=config.stats_device,
     )
     return stats, time.perf_counter() - t0
 
