@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import logging
 import sys
@@ -178,7 +179,7 @@ def _load_extra_commands() -> None:
     import importlib
 
     for module in ("safeneuron.training", "safeneuron.attacks", "safeneuron.evaluation", "safeneuron.report",
-                   "safeneuron.pipeline"):
+                   "safeneuron.pipeline", "safeneuron.analysis"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
@@ -202,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SafeneuronError as err:
         print(f"safeneuron {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"safeneuron {args.command}: error: cannot write{where}: {err.strerror}; free space or choose "
+              "another --out (finished artifacts are kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"safeneuron {args.command}: interrupted; finished artifacts are kept, run again to resume",
