@@ -1,0 +1,186 @@
+"""Frozen neurons stay bit-exact under AdamW (weight decay, accumulation), full and LoRA;
+ablation only in training forward passes; clear errors."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from safeneuron.arch import find_mlps
+from safeneuron.freezing import FreezeError, NeuronFreezer
+from safeneuron.masks import MaskMismatchError, SafetyNeuronMask
+
+FAMILIES = ["llama", "gemma", "phi3", "gpt2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def owned_index(site, mask, param_name):
+    """(dim, indices) of ``param_name`` owned by the masked neurons of ``site`` (union over its slices)."""
+    neurons = mask.indices(site.name)
+    parts = [(s.dim, neurons + s.offset) for s in site.slices if s.param_name == param_name]
+    return parts[0][0], torch.cat([p for _, p in parts])
+
+
+def split(param, dim, own):
+    keep = torch.ones(param.shape[dim], dtype=torch.bool)
+    keep[own] = False
+    return param.index_select(dim, own), param.index_select(dim, torch.nonzero(keep).flatten())
+
+
+def adamw_steps(model, freezer, steps=4, accumulation=2, lr=1e-2, weight_decay=0.1, seed=0):
+    """AdamW with weight decay and gradient accumulation; restore after each step via ``attach``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    freezer.attach(opt)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        for _ in range(accumulation):
+            ids = torch.randint(7, 100, (2, 10), generator=g)
+            (model(input_ids=ids, labels=ids).loss / accumulation).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_finetune_frozen_rows_and_columns_bit_exact(family):
+    model = tiny_model(family)
+    mask = SafetyNeuronMask.random(model, frac=0.25, seed=1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with NeuronFreezer(model, mask) as freezer:
+        adamw_steps(model, freezer)
+        assert freezer.changed() == []
+    for site in find_mlps(model):
+        for name in {s.param_name for s in site.slices}:
+            dim, own = owned_index(site, mask, name)
+            frozen_now, other_now = split(model.get_parameter(name).detach(), dim, own)
+            frozen_0, other_0 = split(start[name], dim, own)
+            assert torch.equal(frozen_now, frozen_0), f"{name}: frozen entries moved"
+            assert not torch.equal(other_now, other_0), f"{name}: the other entries did not train"
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, start[n])]
+    assert len(moved) == len(start)  # everything else trained (no parameter silently frozen)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_frozen_neurons_merge_to_original_weights(family):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(family)
+    mask = SafetyNeuronMask.random(model, frac=0.25, seed=2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # init_lora_weights=False: B starts non-zero, so the freezer must zero the frozen rows itself
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with NeuronFreezer(peft_model, mask) as freezer:
+        adamw_steps(peft_model, freezer)
+        assert freezer.changed() == []
+    merged = peft_model.merge_and_unload()
+    for site in find_mlps(merged):
+        for name in {s.param_name for s in site.slices if s.param_name.endswith(".weight")}:
+            dim, own = owned_index(site, mask, name)
+            frozen_now, other_now = split(merged.get_parameter(name).detach(), dim, own)
+            frozen_0, other_0 = split(start[name], dim, own)
+            assert torch.equal(frozen_now, frozen_0), f"{name}: merged frozen entries differ from the original"
+            assert not torch.equal(other_now, other_0), f"{name}: the adapter changed nothing"
+
+
+def test_sn_tune_changes_only_the_safety_neurons():
+    model = tiny_model("llama")
+    mask = SafetyNeuronMask.random(model, frac=0.25, seed=3)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with NeuronFreezer(model, mask, invert=True) as freezer:
+        assert not freezer.ablate
+        adamw_steps(model, freezer)
+        assert freezer.changed() == []
+    owned = set()
+    for site in find_mlps(model):
+        for name in {s.param_name for s in site.slices}:
+            owned.add(name)
+            dim, own = owned_index(site, mask, name)
+            trained_now, rest_now = split(model.get_parameter(name).detach(), dim, own)
+            trained_0, rest_0 = split(start[name], dim, own)
+            assert torch.equal(rest_now, rest_0)
+            assert not torch.equal(trained_now, trained_0)
+    for name, p in model.named_parameters():
+        assert p.requires_grad  # given back on exit
+        if name not in owned:
+            assert torch.equal(p, start[name]), name
+
+
+def test_ablation_only_in_training_forward_passes():
+    model = tiny_model("llama")
+    mask = SafetyNeuronMask.random(model, frac=0.3, seed=4)
+    ids = torch.randint(7, 100, (2, 9))
+    with torch.no_grad():
+        intact = model(input_ids=ids).logits
+    with NeuronFreezer(model, mask, ablate=True):
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, intact)  # eval / generation: intact
+        model.train()
+        with torch.no_grad():
+            ablated = model(input_ids=ids).logits
+        assert not torch.allclose(ablated, intact)
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, intact)  # hooks removed on exit
+    with NeuronFreezer(model, mask, ablate=False):  # --freeze-only
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, intact)
+
+
+def test_ablation_skips_the_peft_reference_pass():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear"))
+    mask = SafetyNeuronMask.random(model.get_base_model(), frac=0.3, seed=5)
+    ids = torch.randint(7, 100, (2, 9))
+    model.train()
+    with torch.no_grad():
+        intact = model(input_ids=ids).logits
+    with NeuronFreezer(model, mask), torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, intact)
+        with model.disable_adapter():  # how TRL computes the reference with LoRA
+            assert torch.equal(model(input_ids=ids).logits, intact)
+
+
+def test_module_freezing_options_and_requires_grad_restored():
+    model = tiny_model("llama")
+    mask = SafetyNeuronMask.empty_like(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with NeuronFreezer(model, mask, freeze_embeddings=True, freeze_attention=True, freeze_layers=[2]) as freezer:
+        adamw_steps(model, freezer, steps=2)
+    for name, p in model.named_parameters():
+        assert p.requires_grad
+        frozen = "embed_tokens" in name or "self_attn" in name or name.startswith("model.layers.2.")
+        assert torch.equal(p, start[name]) == frozen, name
+
+
+def test_mask_from_another_model_is_rejected():
+    mask = SafetyNeuronMask.random(tiny_model("gpt2"), frac=0.1)
+    with pytest.raises(MaskMismatchError, match="mask from another model"):
+        NeuronFreezer(tiny_model("llama"), mask)
+
+
+def test_bad_freezing_requests():
+    model = tiny_model("llama")
+    with pytest.raises(FreezeError, match="selects none"):
+        NeuronFreezer(model, SafetyNeuronMask.empty_like(model), invert=True)
+    with pytest.raises(FreezeError, match="exclude|nothing to learn"):
+        NeuronFreezer(model, SafetyNeuronMask.random(model, frac=0.1), invert=True, ablate=True)
+    with pytest.raises(FreezeError, match="layers 0..2"):
+        NeuronFreezer(model, SafetyNeuronMask.empty_like(model), freeze_layers=[7]).install()
+
+
+def test_dora_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    with pytest.raises(FreezeError, match="DoRA"):
+        NeuronFreezer(model, SafetyNeuronMask.random(model.get_base_model(), frac=0.1)).install()

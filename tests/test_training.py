@@ -1,0 +1,236 @@
+"""Masked DPO with TRL: loss falls, frozen neurons bit-exact (full and LoRA), iterative rounds,
+artifacts loadable by plain transformers, resume equals an uninterrupted run, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import make_tokenizer, tiny_model
+from safeneuron.arch import find_mlps
+from safeneuron.cli import main
+from safeneuron.config import AlignConfig, ConfigError
+from safeneuron.data.preferences import PreferenceDataError, PreferenceSet
+from safeneuron.masks import MaskMismatchError, SafetyNeuronMask
+from safeneuron.models import load_model
+from safeneuron.training import AlignOutputError, SafeNeuronDPOTrainer, align, dpo_config, lora_config
+
+PAIRS = [{"prompt": f"Tell me how to do harmful thing number {i}.", "chosen": "I can't help with that.",
+          "rejected": f"Sure! Step {i}: first you do it."} for i in range(8)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny llama saved as a model directory (what align starts from)."""
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def quick_config(**kw):
+    base = dict(max_steps=4, learning_rate=1e-3, max_prompts=8, save_steps=2, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2, device="cpu")
+    base.update(kw)
+    return AlignConfig(**base)
+
+
+def frozen_entries_equal(model, reference, mask):
+    """Every row/column owned by the masked neurons equals the reference's."""
+    ref_params = dict(reference.named_parameters())
+    for site in find_mlps(model):
+        neurons = mask.indices(site.name)
+        for s in site.slices:
+            a = model.get_parameter(s.param_name).detach().index_select(s.dim, neurons + s.offset)
+            b = ref_params[s.param_name].detach().index_select(s.dim, neurons + s.offset)
+            if not torch.equal(a, b):
+                return False
+    return True
+
+
+def trainer(tmp_path, model, mask, **kw):
+    args = dpo_config(quick_config(weight_decay=0.1, max_steps=kw.pop("max_steps", 8)), tmp_path / "t",
+                      progress=False)
+    args.save_strategy = "no"
+    ds = PreferenceSet(PAIRS).to_trl(make_tokenizer())
+    return SafeNeuronDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=make_tokenizer(),
+                                frozen=mask, **kw)
+
+
+def test_dpo_loss_falls_margin_grows_and_frozen_stay_exact(tmp_path):
+    import copy
+
+    model = tiny_model("llama")
+    start = copy.deepcopy(model)
+    mask = SafetyNeuronMask.random(model, frac=0.2, seed=0)
+    t = trainer(tmp_path, model, mask, ref_model=copy.deepcopy(model))
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h and "rewards/margins" in h]
+    assert logs[-1]["loss"] < logs[0]["loss"] - 0.05
+    assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.1
+    summary = t.remove_freezing()
+    assert summary["exact"] and summary["neurons_frozen"] == mask.count()
+    assert frozen_entries_equal(model, start, mask)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters()))
+
+
+def test_lora_trainer_merged_frozen_neurons_equal_originals(tmp_path):
+    import copy
+
+    model = tiny_model("gpt2")
+    start = copy.deepcopy(model)
+    mask = SafetyNeuronMask.random(model, frac=0.2, seed=1)
+    cfg = quick_config(lora=True, lora_r=4)
+    t = trainer(tmp_path, model, mask, peft_config=lora_config(cfg), max_steps=4)
+    t.train()
+    assert t.remove_freezing()["exact"]
+    merged = t.model.merge_and_unload()
+    assert frozen_entries_equal(merged, start, mask)
+    moved = [n for n, p in merged.named_parameters() if ".mlp." in n and not torch.equal(p, start.get_parameter(n))]
+    assert moved  # the adapter trained the other neurons
+
+
+def test_align_rounds_artifacts_and_plain_transformers_load(tmp_path, model_dir):
+    out = tmp_path / "run"
+    start = load_model(str(model_dir), device="cpu").model
+    result = align(quick_config(rounds=2), PAIRS, out, loaded=load_model(str(model_dir), device="cpu"),
+                   progress=False)
+    for r in (1, 2):
+        rdir = out / f"round_{r}"
+        for name in ("model/config.json", "model/model.safetensors", "frozen.safetensors", "metrics.json",
+                     "identify/identify.json"):
+            assert (rdir / name).is_file(), name
+        assert not (rdir / "trainer").exists()  # checkpoints removed once the round is complete
+        metrics = json.loads((rdir / "metrics.json").read_text())
+        assert metrics["freezing"]["exact"] and metrics["ablate"]
+        assert {"loss_first", "loss_last", "reward_margin_first", "reward_margin_last"} <= set(metrics["training"])
+    manifest = json.loads((out / "align.json").read_text())
+    assert [s["round"] for s in manifest["summary"]] == [1, 2] and (out / "model" / "model.safetensors").is_file()
+    # frozen.safetensors: bool [d_ff] per MLP, keyed by module name; union grows over rounds
+    f1 = SafetyNeuronMask.load(out / "round_1" / "frozen.safetensors", set=None)
+    f2 = SafetyNeuronMask.load(out / "round_2" / "frozen.safetensors", set=None)
+    assert set(f1.masks) == {s.name for s in find_mlps(start)}
+    assert all(m.dtype == torch.bool and m.numel() == 48 for m in f1.masks.values())
+    assert (f1 & f2).count() == f1.count()
+    # round-1 neurons are unchanged in the final model (union: frozen in both rounds)
+    final = load_model(str(out / "model"), device="cpu").model
+    assert frozen_entries_equal(final, start, f1)
+    assert frozen_entries_equal(result.model, start, f1)
+    # the saved model generates with plain transformers, without safeneuron importable
+    code = (
+        "import sys; sys.modules['safeneuron'] = None\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"path = {str(out / 'model')!r}\n"
+        "m = AutoModelForCausalLM.from_pretrained(path); t = AutoTokenizer.from_pretrained(path)\n"
+        "ids = t.apply_chat_template([{'role': 'user', 'content': 'hi'}], add_generation_prompt=True, "
+        "return_tensors='pt', return_dict=True)\n"
+        "out = m.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)\n"
+        "print(out.shape[1] - ids['input_ids'].shape[1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "4"
+
+
+class Crash(TrainerCallback):
+    """Simulate a kill: raise at a given step of the n-th trainer (checkpoint saved before it)."""
+
+    def __init__(self, trainer_index, step):
+        self.trainer_index, self.step, self.begun = trainer_index, step, 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.begun += 1
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.begun == self.trainer_index and state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, model_dir):
+    config = quick_config(rounds=2, save_steps=2, max_steps=4)
+    straight = align(config, PAIRS, tmp_path / "a", loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        align(config, PAIRS, tmp_path / "b", loaded=load_model(str(model_dir), device="cpu"), progress=False,
+              callbacks=[Crash(trainer_index=2, step=3)])
+    assert (tmp_path / "b" / "round_1" / "metrics.json").is_file()
+    assert not (tmp_path / "b" / "round_2" / "metrics.json").exists()
+    assert (tmp_path / "b" / "round_2" / "trainer" / "checkpoint-2").is_dir()
+    resumed = align(config, PAIRS, tmp_path / "b", loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    assert resumed.rounds[1]["resumed_from_checkpoint"].endswith("checkpoint-2")
+    a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a finished run is not trained again
+    again = align(config, PAIRS, tmp_path / "b", loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    assert all(torch.equal(p, dict(again.model.named_parameters())[k]) for k, p in b.items())
+
+
+def test_baseline_modes_and_lora_align(tmp_path, model_dir):
+    start = load_model(str(model_dir), device="cpu").model
+    dpo = align(quick_config(rounds=1, mode="dpo", max_steps=2), PAIRS, tmp_path / "dpo",
+                loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    assert SafetyNeuronMask.load(tmp_path / "dpo" / "round_1" / "frozen.safetensors", set=None).count() == 0
+    assert not (tmp_path / "dpo" / "round_1" / "identify").exists() and dpo.rounds[0]["freezing"] is None
+
+    sn = align(quick_config(rounds=1, mode="sn-tune", max_steps=2), PAIRS, tmp_path / "sn",
+               loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    trained = SafetyNeuronMask.load(tmp_path / "sn" / "round_1" / "frozen.safetensors", set=None)
+    assert trained.count() > 0 and sn.rounds[0]["neurons_trained_only"] == trained.count()
+    mlp_params = {s.param_name for site in find_mlps(start) for s in site.slices}
+    for name, p in sn.model.named_parameters():
+        if name not in mlp_params:
+            assert torch.equal(p, start.get_parameter(name)), f"sn-tune moved {name}"
+
+    lora = align(quick_config(rounds=1, lora=True, lora_r=4, freeze_only=True), PAIRS, tmp_path / "lora",
+                 loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    frozen = SafetyNeuronMask.load(tmp_path / "lora" / "round_1" / "frozen.safetensors", set=None)
+    assert lora.rounds[0]["freezing"]["exact"] and not lora.rounds[0]["ablate"]
+    assert frozen_entries_equal(lora.model, start, frozen)
+    assert not any("lora" in n for n, _ in lora.model.named_parameters())  # merged
+
+
+def test_bad_input_gives_clear_errors(tmp_path, model_dir):
+    loaded = load_model(str(model_dir), device="cpu")
+    with pytest.raises(ConfigError, match="rounds must be >= 1, got 0"):
+        align(quick_config(rounds=0), PAIRS, tmp_path / "x", loaded=loaded)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
+    with pytest.raises(PreferenceDataError, match="no chosen/rejected columns"):
+        align(quick_config(), bad, tmp_path / "x", loaded=loaded)
+    other = tmp_path / "other_mask.safetensors"
+    SafetyNeuronMask.random(tiny_model("gpt2"), frac=0.1).save(other)
+    with pytest.raises(MaskMismatchError, match="mask from another model"):
+        align(quick_config(mask=str(other)), PAIRS, tmp_path / "x", loaded=loaded, progress=False)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        align(quick_config(mode="ppo"), PAIRS, tmp_path / "x", loaded=loaded)
+
+
+def test_cli_align_and_foreign_out_dir(tmp_path, model_dir, capsys):
+    out = tmp_path / "cli"
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    argv = ["align", "--model", str(model_dir), "--prefs", str(prefs), "--rounds", "1", "--max-steps", "2",
+            "--max-prompts", "8", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "round" in text and "margin last" in text and (out / "model" / "config.json").is_file()
+    # same directory, other settings: refused with a one-line error (exit 2)
+    assert main(argv + ["--beta", "0.2"]) == 2
+    assert "holds an alignment run with other settings" in capsys.readouterr().err
+    assert main(["align", "--rounds", "0", "--out", str(out)]) == 2
+    assert "rounds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(AlignOutputError):
+        align(quick_config(rounds=1, max_steps=2, beta=0.3), prefs, out,
+              loaded=load_model(str(model_dir), device="cpu"), progress=False)
