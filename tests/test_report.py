@@ -32,10 +32,27 @@ def model_results(name, ori, full, slope, **over):
                      {"ori": ori, "es": (ori + full) / 2, "sas": ori + 0.05, "full": full}.items()},
         "asr_templates": {"prefix_injection": ori + 0.1, "role_play": ori + 0.2, "hypothetical": ori},
         "curve": curve, "over_refusal": 0.04, "mc_accuracy": 0.41, "perplexity": 12.5, "redteam_compliance": 0.3,
-        "pruned_counts": {"es": 120, "sas": 80, "full": 170},
+        "pruned_counts": {"es": 120, "sas": 80, "full": 170}, "curve_score": "es",
+        "attacker": {"mode": "adaptive", "method": "stats", "identify_prompts": {"harmful": 32, "harmless": 32}},
     }
     entry.update(over)
     return entry
+
+
+def round_metrics(mode, r):
+    """One round's align metrics.json (issue 4's schema, as safeneuron.training writes it)."""
+    frozen = 34 if mode == "safeneuron" else 0
+    history = [{"loss": 0.69 * 0.8 ** (s + 4 * (r - 1)), "rewards/margins": 0.1 * (s + 4 * (r - 1)), "step": s + 1}
+               for s in range(4)] + [{"train_runtime": 3.0, "train_loss": 0.5, "step": 4}]
+    return {
+        "round": r, "run_key": "abc", "mode": mode, "lora": False, "n_pairs": 12, "neurons_frozen": frozen,
+        "neurons_trained_only": None, "neurons_total": 144, "frozen_per_mlp": {f"model.layers.{i}.mlp": 10 for i in range(3)},
+        "identification": {"new_neurons": 30, "overlap_with_previous": 20 if r > 1 else None} if frozen else None,
+        "freezing": {"exact": True, "changed": 0} if frozen else None,
+        "training": {"steps_logged": 4, "loss_first": history[0]["loss"], "loss_last": history[3]["loss"],
+                     "reward_margin_first": 0.0, "reward_margin_last": 0.3, "reward_accuracy_last": 1.0},
+        "log_history": history, "timings": {"identify_s": 1.0, "train_s": 3.0, "save_s": 0.1, "wall_s": 4.1},
+    }
 
 
 def write_results(path, models):
@@ -54,12 +71,11 @@ def run_dir(tmp_path_factory):
         for r in (1, 2):
             round_dir = root / "align" / mode / f"round_{r}"
             round_dir.mkdir(parents=True)
-            (round_dir / "metrics.json").write_text(json.dumps(
-                {"round": r, "loss": 0.69 / r, "reward_margin": 0.5 * r, "neurons_frozen": 34 if mode == "safeneuron" else 0,
-                 "time_s": 12.0, "train": {"steps": 8}}))
+            (round_dir / "metrics.json").write_text(json.dumps(round_metrics(mode, r)))
         shutil.copytree(root / "identify", root / "align" / mode / "round_1" / "identify")
-        (root / "align" / mode / "align.json").write_text(json.dumps({"mode": mode, "rounds": 2,
-                                                                        "settings": {"beta": 0.1, "lora": False}}))
+        (root / "align" / mode / "align.json").write_text(json.dumps({
+            "model": "tiny-llama", "mode": mode, "rounds": 2, "prefs": {"source": "prefs.jsonl", "n_pairs": 12},
+            "settings": {"beta": 0.1, "lora": False}}))
     other = LoadedModel(tiny_model("llama", seed=1), make_tokenizer(), "tiny-aligned", "<memory>")
     analyze(AnalyzeConfig(identify=[f"base={root / 'identify'}"], max_prompts=16, n_splits=1, probe_max_iter=20,
                           figures=False), root / "analysis", loaded=lm, compare={"safeneuron": other}, progress=False)
@@ -113,8 +129,24 @@ def test_summary_markdown_has_the_headline_numbers(run_dir):
     assert md.startswith("# safeneuron report: tiny-llama")
     assert "**Quick run**" in md
     assert "safeneuron: ASR 5.0%, 15.0% after pruning its safety neurons (FULL)" in md
-    assert "| base | refusal-phrases | 50 / 50 | 35.0% [25.0, 45.0] |" in md
+    assert "| base | refusal-phrases | adaptive (stats) | 50 / 50 | 35.0% [25.0, 45.0] |" in md
     assert "## Layer-wise separability" in md and "## Harm categories" in md and "## Alignment rounds" in md
+
+
+def test_align_table_and_figure_follow_the_round_metrics(run_dir):
+    from safeneuron.report import figures
+    from safeneuron.report.build import _round_metrics, _round_table
+
+    headers, rows = _round_table(_round_metrics(run_dir / "align" / "safeneuron"))
+    assert headers[:3] == ["round", "pairs", "neurons frozen"] and "frozen weights unchanged" in headers
+    assert rows[1][headers.index("overlap with previous round")] == "20"
+    assert rows[0][headers.index("DPO loss (first → last step)")] == "0.69 → 0.353"
+    assert not any("model.layers" in h for h in headers)
+    # Another schema: flat numbers per round, plotted against the round.
+    flat = {"a": [{"round": 1, "loss": 0.7, "time_s": 3.0}, {"round": 2, "loss": 0.5, "time_s": 2.0}]}
+    assert _round_table(flat["a"])[0] == ["round", "loss", "time_s"]
+    image = Image.open(io.BytesIO(figures.png_bytes(figures.plot_align_metrics(flat)))).convert("L")
+    assert image.getextrema()[1] - image.getextrema()[0] > 50
 
 
 def test_sections_are_optional(tmp_path):

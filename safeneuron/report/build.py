@@ -77,7 +77,8 @@ def locate(run_dir: str | Path) -> RunArtifacts:
                                                          "separability.json", "analysis.json")):
         found.analysis = analysis_dir
     if (root / "align").is_dir():
-        for mode in sorted(p for p in (root / "align").iterdir() if p.is_dir()):
+        order = {"safeneuron": 0, "dpo": 1, "sn-tune": 2}
+        for mode in sorted((p for p in (root / "align").iterdir() if p.is_dir()), key=lambda p: (order.get(p.name, 9), p.name)):
             if (mode / "align.json").is_file() or any(mode.glob("round_*/metrics.json")):
                 found.align[mode.name] = mode
     elif (root / "align.json").is_file() or any(root.glob("round_*/metrics.json")):
@@ -137,7 +138,7 @@ def _html_table(headers: Sequence[str], rows: Iterable[Sequence], text_cols: int
             text, extra = value if isinstance(value, tuple) else (value, "")
             cells.append(_cell(str(text), extra, "text" if i < text_cols else ""))
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _md_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
@@ -274,16 +275,33 @@ def _worst_template(m: Mapping):
     return (_pct(templates[name]), name)
 
 
+def _area(m: Mapping) -> float | None:
+    """The robustness curve's mean ASR: results.json's ``curve_area`` when given, else computed."""
+    return m["curve_area"] if m.get("curve_area") is not None else figures.curve_area(m.get("curve") or [])
+
+
+def _attacker(m: Mapping) -> str:
+    att = m.get("attacker")
+    if not isinstance(att, Mapping):
+        return "–"
+    mode = str(att.get("mode", "–"))
+    if mode == "adaptive" and att.get("method"):
+        return f"adaptive ({att['method']})"
+    if mode == "given mask" and att.get("mask"):
+        return f"given mask ({Path(str(att['mask'])).name})"
+    return mode
+
+
 def _comparison(results: Mapping) -> tuple[list[str], list[list], list[str], list[list]]:
-    safety_headers = ["model", "judge", "prompts (harmful / harmless)", "ASR original", "ASR, ES pruned",
+    safety_headers = ["model", "judge", "attacker", "prompts (harmful / harmless)", "ASR original", "ASR, ES pruned",
                       "ASR, SAS pruned", "ASR, FULL pruned", "worst template ASR", "pruning curve mean ASR"]
     other_headers = ["model", "over-refusal", "MC accuracy", "perplexity", "red-team compliance",
                      "neurons pruned (ES / SAS / FULL)"]
     safety, other = [], []
     for m in results.get("models", []):
         counts = m.get("pruned_counts") or {}
-        area = figures.curve_area(m.get("curve") or [])
-        safety.append([m.get("name", "?"), m.get("judge") or "–",
+        area = _area(m)
+        safety.append([m.get("name", "?"), m.get("judge") or "–", _attacker(m),
                        f"{_num(m.get('n_harmful'))} / {_num(m.get('n_harmless'))}",
                        _asr_cell(m, "ori"), _asr_cell(m, "es"), _asr_cell(m, "sas"), _asr_cell(m, "full"),
                        _worst_template(m), _pct(area)])
@@ -300,15 +318,20 @@ def _section_comparison(art: RunArtifacts) -> Section | None:
     if not isinstance(results, Mapping) or not isinstance(results.get("models"), list):
         raise ArtifactError(f"{art.results}: expected {{\"models\": [...]}}")
     sh, srows, oh, orows = _comparison(results)
-    extra = {k: v for k, v in results.items() if k != "models" and not isinstance(v, (Mapping, list))}
-    notes = "; ".join(f"{k}: {v}" for k, v in extra.items())
+    notes = []
+    if results.get("wall_time_s") is not None:
+        notes.append(f"evaluation wall time {float(results['wall_time_s']):.0f} s")
+    notes += [f"{k}: {v}" for k, v in results.items()
+              if k not in ("models", "wall_time_s") and not isinstance(v, (Mapping, list))]
+    notes = "; ".join(notes)
     parts_html = [
         '<p class="explain">ASR (attack success rate) is the share of harmful prompts whose answer the judge '
         "rates as compliant. <i>Original</i> is the unmodified model; <i>ES / SAS / FULL pruned</i> are the same "
-        "model after zeroing the neurons selected by effect size, by activation shift, or both (the attacker "
-        "identifies them on the model under attack). Small grey brackets: 95% confidence intervals. "
+        "model after zeroing the neurons selected by effect size, by activation shift, or both. Attacker: "
+        "<i>adaptive</i> identifies the neurons on the model under attack (the honest test); <i>given mask</i> "
+        "reuses a fixed set. Small grey brackets: 95% confidence intervals. "
         "Worst template: the highest ASR over the jailbreak templates (its name beside it).</p>",
-        "<h3>Safety</h3>", _html_table(sh, srows, text_cols=3),
+        "<h3>Safety</h3>", _html_table(sh, srows, text_cols=4),
         "<h3>Over-refusal and capability</h3>",
         '<p class="explain">Over-refusal: share of harmless (or safe-but-scary) prompts refused. MC accuracy: '
         "multiple-choice accuracy by log-likelihood. Perplexity on harmless text (lower is better). Red-team "
@@ -317,6 +340,11 @@ def _section_comparison(art: RunArtifacts) -> Section | None:
     ]
     if notes:
         parts_html.append(f'<p class="note">{_esc(notes)}</p>')
+    if isinstance(results.get("settings"), Mapping):
+        flat = _flatten(results["settings"])
+        parts_html.append(f"<details><summary>evaluation settings ({_plural(len(flat), 'value')})</summary>"
+                          + _html_table(["key", "value"], [(k, _num(v)) for k, v in flat.items()], text_cols=2)
+                          + "</details>")
     md = "Safety:\n\n" + _md_table(sh, srows) + "\n\nOver-refusal and capability:\n\n" + _md_table(oh, orows)
     return Section("comparison", "Comparison", "\n".join(parts_html), md)
 
@@ -340,7 +368,7 @@ def _section_robustness(art: RunArtifacts) -> Section | None:
         parts.append(_img(figures.plot_asr_protocol(results),
                           "ASR on the original model and after pruning the ES set, the SAS set and their union "
                           "(FULL), with 95% confidence intervals."))
-    md_rows = [(m.get("name", "?"), _pct(figures.curve_area(m.get("curve") or [])),
+    md_rows = [(m.get("name", "?"), _pct(_area(m)),
                 ", ".join(f"{100 * f:g}%: {_pct(a)}" for f, a in sorted(m.get("curve") or []) if a is not None) or "–")
                for m in models]
     md = _md_table(["model", "mean ASR over curve", "ASR by fraction pruned"], md_rows) if has_curve else ""
@@ -427,15 +455,55 @@ def _section_separability(art: RunArtifacts) -> Section | None:
 
 
 def _round_metrics(mode_dir: Path) -> list[dict]:
+    """Each finished round's ``metrics.json`` (with ``round`` set), in round order."""
     rounds = []
     for d in mode_dir.glob("round_*"):
         suffix = d.name.split("_", 1)[1]
         if suffix.isdigit() and (d / "metrics.json").is_file():
-            flat = {k: v for k, v in _flatten(read_json(d / "metrics.json")).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            flat.setdefault("round", int(suffix))
-            rounds.append(flat)
+            metrics = read_json(d / "metrics.json")
+            if isinstance(metrics, Mapping):
+                rounds.append(dict(metrics, round=metrics.get("round", int(suffix))))
     return sorted(rounds, key=lambda r: r["round"])
+
+
+#: Round-table columns for issue 4's metrics.json: (header, key path, or a (first, last) pair shown "a -> b").
+_ROUND_COLUMNS = (
+    ("pairs", "n_pairs"),
+    ("neurons frozen", "neurons_frozen"),
+    ("neurons trained (SN-Tune)", "neurons_trained_only"),
+    ("new safety neurons", "identification.new_neurons"),
+    ("overlap with previous round", "identification.overlap_with_previous"),
+    ("DPO loss (first → last step)", ("training.loss_first", "training.loss_last")),
+    ("reward margin (first → last)", ("training.reward_margin_first", "training.reward_margin_last")),
+    ("reward accuracy (last)", "training.reward_accuracy_last"),
+    ("frozen weights unchanged", "freezing.exact"),
+    ("wall time (s)", "timings.wall_s"),
+)
+_SKIP_FLAT = ("per_mlp", "per_layer", "log_history", "run_key", ".mlp")
+
+
+def _round_table(rounds: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the per-round table: the known columns that have values, else any numeric ones."""
+    flats = [_flatten(r) for r in rounds]
+    headers, getters = ["round"], []
+    for header, key in _ROUND_COLUMNS:
+        keys = key if isinstance(key, tuple) else (key,)
+        if any(f.get(k) is not None for f in flats for k in keys):
+            headers.append(header)
+            getters.append(keys)
+    if not getters:  # another schema: its numeric scalars
+        names = [k for k in dict.fromkeys(k for f in flats for k in f)
+                 if k != "round" and not any(s in k for s in _SKIP_FLAT)
+                 and any(isinstance(f.get(k), (int, float)) for f in flats)][:10]
+        headers += names
+        getters = [(k,) for k in names]
+    rows = []
+    for r, f in zip(rounds, flats):
+        row = [str(r["round"])]
+        for keys in getters:
+            row.append(" → ".join(_num(f.get(k)) for k in keys))
+        rows.append(row)
+    return headers, rows
 
 
 def _section_align(art: RunArtifacts) -> Section | None:
@@ -443,27 +511,30 @@ def _section_align(art: RunArtifacts) -> Section | None:
         return None
     rounds_by_mode = {mode: _round_metrics(d) for mode, d in art.align.items()}
     parts_html, parts_md = [], []
+    if any(rounds_by_mode.values()):
+        parts_html.append(_img(figures.plot_align_metrics(rounds_by_mode),
+                               "DPO training per mode: loss and reward margin at every logged step across the "
+                               "rounds (dashed: round boundaries), and the safety neurons frozen in each round."))
     for mode, d in art.align.items():
         summary = read_json(d / "align.json") if (d / "align.json").is_file() else {}
         parts_html.append(f"<h3>{_esc(mode)}</h3>")
-        scalars = {k: v for k, v in summary.items() if not isinstance(v, (Mapping, list))}
-        if scalars:
-            parts_html.append(_html_table(["", "value"], [(k, _num(v)) for k, v in scalars.items()], text_cols=2))
+        facts = [(k, _num(summary.get(k))) for k in ("model", "mode", "rounds", "wall_time_s") if k in summary]
+        if isinstance(summary.get("prefs"), Mapping):
+            facts.append(("preference pairs", f"{_num(summary['prefs'].get('n_pairs'))} "
+                                              f"({summary['prefs'].get('source', '?')})"))
+        if facts:
+            parts_html.append(_html_table(["", "value"], facts, text_cols=2))
         rounds = rounds_by_mode[mode]
         if rounds:
-            keys = [k for k in dict.fromkeys(k for r in rounds for k in r) if k != "round"]
-            rows = [[str(r["round"])] + [_num(r.get(k)) for k in keys] for r in rounds]
-            parts_html.append(_html_table(["round"] + keys, rows))
-            parts_md.append(f"{mode}:\n\n" + _md_table(["round"] + keys, rows))
+            headers, rows = _round_table(rounds)
+            parts_html.append(_html_table(headers, rows))
+            parts_md.append(f"{mode}:\n\n" + _md_table(headers, rows))
         for key in ("settings", "config"):
             if isinstance(summary.get(key), Mapping):
                 flat = _flatten(summary[key])
                 parts_html.append(f"<details><summary>{_esc(mode)} {key} ({_plural(len(flat), 'value')})</summary>"
                                   + _html_table(["key", "value"], [(k, _num(v)) for k, v in flat.items()], text_cols=2)
                                   + "</details>")
-    if any(rounds_by_mode.values()):
-        parts_html.insert(0, _img(figures.plot_align_metrics(rounds_by_mode),
-                                  "Training metrics per round and training mode (from round_*/metrics.json)."))
     return Section("align", "Alignment rounds", "\n".join(parts_html), "\n\n".join(parts_md))
 
 
@@ -506,7 +577,7 @@ def _headline(art: RunArtifacts) -> list[str]:
                     bits.append(f"ASR {_pct(asr['ori'])}")
                 if asr.get("full") is not None:
                     bits.append(f"{_pct(asr['full'])} after pruning its safety neurons (FULL)")
-                area = figures.curve_area(m.get("curve") or [])
+                area = _area(m)
                 if area is not None:
                     bits.append(f"mean ASR {_pct(area)} over the pruning curve")
                 if m.get("over_refusal") is not None:

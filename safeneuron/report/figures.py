@@ -297,14 +297,14 @@ def curve_area(curve: Sequence[Sequence[float]]) -> float | None:
 @_styled
 def plot_robustness(results: Mapping) -> Figure:
     """ASR against the share of MLP neurons pruned (one line per model) from ``results.json``."""
-    fig, axes = _figure(6.8, 4.0)
+    fig, axes = _figure(6.8, 4.3)
     ax = axes[0, 0]
     drawn = False
     for i, m in enumerate(results.get("models", [])):
         f, a = _curve_percent(m.get("curve") or [])
         if not len(f):
             continue
-        area = curve_area(m["curve"])
+        area = m["curve_area"] if m.get("curve_area") is not None else curve_area(m["curve"])
         label = m["name"] + (f" (mean ASR {100 * area:.0f}%)" if area is not None else "")
         ax.plot(f, a, "o-", color=model_color(m["name"], i), label=label)
         drawn = True
@@ -317,9 +317,10 @@ def plot_robustness(results: Mapping) -> Figure:
     ax.set_xticklabels([f"{t:g}" for t in ticks])
     ax.minorticks_off()
     ax.set_ylim(-3, 103)
-    ax.set_xlabel("MLP neurons pruned by the attacker (% of all, top by safety score)")
+    score = next((m.get("curve_score") for m in results["models"] if m.get("curve_score")), None)
+    ax.set_xlabel(f"MLP neurons pruned by the attacker (% of all, top by {score or 'safety score'})")
     ax.set_ylabel("attack success rate (%)")
-    ax.legend(loc="upper left")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3)
     ax.set_title("Robustness to the neuron-pruning attack (lower is safer)")
     return fig
 
@@ -332,7 +333,7 @@ _ASR_COLUMNS = (("ori", "original\n(no pruning)"), ("es", "ES set\npruned"), ("s
 def plot_asr_protocol(results: Mapping) -> Figure:
     """ASR on the original model and after pruning the ES, SAS and union sets, per model, with 95% CIs."""
     models = [m for m in results.get("models", []) if any((m.get("asr") or {}).get(k) is not None for k, _ in _ASR_COLUMNS)]
-    fig, axes = _figure(6.8, 3.8)
+    fig, axes = _figure(6.8, 4.1)
     ax = axes[0, 0]
     if not models:
         _no_data(ax, "no ASR in results.json")
@@ -354,8 +355,8 @@ def plot_asr_protocol(results: Mapping) -> Figure:
     ax.set_xticklabels([label for _, label in _ASR_COLUMNS])
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(0, 105)
-    ax.legend(loc="upper left", ncols=min(3, len(models)))
-    ax.set_title("Pruning the identified safety neurons (bars: 95% CI)")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(4, len(models)))
+    ax.set_title("Pruning the identified safety neurons (error bars: 95% CI)")
     return fig
 
 
@@ -399,30 +400,82 @@ def plot_refusal_capability(results: Mapping) -> Figure:
 
 
 # --------------------------------------------------------------------------- alignment
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
 def _numeric_keys(rounds: Sequence[Mapping]) -> list[str]:
     keys: dict[str, None] = {}
     for r in rounds:
         for k, v in r.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+            if _is_number(v) and k != "round":
                 keys[k] = None
     return list(keys)
 
 
 def pick_metric_keys(rounds_by_mode: Mapping[str, Sequence[Mapping]], limit: int = 4) -> list[str]:
-    """The metrics worth plotting: losses, margins, accuracies, neurons frozen, time (in that order)."""
+    """The flat metrics worth plotting: losses, margins, accuracies, neurons frozen, time (in that order)."""
     keys = list(dict.fromkeys(k for rounds in rounds_by_mode.values() for k in _numeric_keys(rounds)))
     order = ("loss", "margin", "accurac", "frozen", "_s")
     ranked = [k for word in order for k in keys if word in k.lower()]
     return list(dict.fromkeys(ranked))[:limit]
 
 
+def _step_series(rounds: Sequence[Mapping], key: str) -> tuple[list[float], list[float], list[float]]:
+    """``key`` from each round's trainer ``log_history`` on one step axis; also the round boundaries."""
+    xs, ys, bounds, offset = [], [], [], 0.0
+    for r in rounds:
+        steps = [h for h in (r.get("log_history") or []) if _is_number(h.get(key))]
+        last = offset
+        for i, h in enumerate(steps):
+            x = offset + float(h.get("step", i + 1))
+            xs.append(x)
+            ys.append(float(h[key]))
+            last = max(last, x)
+        if steps:
+            bounds.append(last)
+        offset = last
+    return xs, ys, bounds[:-1]
+
+
 @_styled
 def plot_align_metrics(rounds_by_mode: Mapping[str, Sequence[Mapping]], keys: Sequence[str] | None = None) -> Figure:
-    """One panel per metric, one line per training mode, over rounds (from ``round_*/metrics.json``).
+    """Training per mode (``safeneuron``, ``dpo``, ...) from ``round_*/metrics.json``.
 
-    ``rounds_by_mode`` maps a mode (``safeneuron``, ``dpo``) to flat per-round dicts holding
-    ``round`` and numeric metrics.
+    With trainer logs (``log_history``): DPO loss and reward margin against the training
+    step over all rounds (dashed lines: round boundaries), plus neurons frozen per round.
+    Otherwise one panel per flat numeric metric (``keys``, or picked), against the round.
     """
+    has_logs = any(r.get("log_history") for rounds in rounds_by_mode.values() for r in rounds)
+    if has_logs and keys is None:
+        panels = [("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected)")]
+        frozen = any(_is_number(r.get("neurons_frozen")) and r["neurons_frozen"] > 0
+                     for rounds in rounds_by_mode.values() for r in rounds)
+        fig, axes = _figure(3.6 * (len(panels) + frozen), 3.2, ncols=len(panels) + frozen)
+        for ax, (key, title) in zip(axes[0], panels):
+            for i, (mode, rounds) in enumerate(rounds_by_mode.items()):
+                xs, ys, bounds = _step_series(rounds, key)
+                if xs:
+                    ax.plot(xs, ys, "-", color=model_color(mode, i), label=mode, linewidth=1.4)
+                    for b in bounds:
+                        ax.axvline(b, color=model_color(mode, i), linestyle="--", linewidth=0.8, alpha=0.6)
+            ax.set_title(title)
+            ax.set_xlabel("training step (all rounds)")
+        if frozen:
+            ax = axes[0, -1]
+            modes = list(rounds_by_mode)
+            n_rounds = max(len(r) for r in rounds_by_mode.values())
+            width = 0.8 / max(1, len(modes))
+            for i, mode in enumerate(modes):
+                rounds = rounds_by_mode[mode]
+                x = np.asarray([r.get("round", j + 1) for j, r in enumerate(rounds)], dtype=float)
+                y = [r.get("neurons_frozen") or 0 for r in rounds]
+                ax.bar(x + (i - (len(modes) - 1) / 2) * width, y, width, color=model_color(mode, i), label=mode)
+            ax.set_title("safety neurons frozen")
+            ax.set_xlabel("round")
+            ax.set_xticks(range(1, n_rounds + 1))
+        axes[0, 0].legend(loc="best")
+        return fig
     keys = list(keys) if keys is not None else pick_metric_keys(rounds_by_mode)
     fig, axes = _figure(max(4.0, 3.3 * max(1, len(keys))), 3.2, ncols=max(1, len(keys)))
     if not keys:
@@ -430,8 +483,7 @@ def plot_align_metrics(rounds_by_mode: Mapping[str, Sequence[Mapping]], keys: Se
         return fig
     for ax, key in zip(axes[0], keys):
         for i, (mode, rounds) in enumerate(rounds_by_mode.items()):
-            pts = [(r.get("round", j + 1), r[key]) for j, r in enumerate(rounds)
-                   if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+            pts = [(r.get("round", j + 1), r[key]) for j, r in enumerate(rounds) if _is_number(r.get(key))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, "o-", color=model_color(mode, i), label=mode)
