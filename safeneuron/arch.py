@@ -74,6 +74,13 @@ ARCHITECTURES: dict[str, MLPLayout] = {
     "gemma3_text": GATED,
     "phi3": FUSED_GATE_UP,
     "gpt2": GPT2_STYLE,
+    # Language backbones of VLMs whose text config has its own model_type (LLaVA, LLaVA-Next,
+    # Idefics3/SmolVLM and Gemma 3 use llama/mistral/qwen2/gemma3_text above). The bare VLM
+    # types cover hub config.json files that keep the text settings at the top level.
+    "qwen2_vl": GATED,
+    "qwen2_vl_text": GATED,
+    "qwen2_5_vl": GATED,
+    "qwen2_5_vl_text": GATED,
 }
 
 # Submodule names that belong to a vision tower, never to the language backbone.
@@ -163,6 +170,10 @@ def _d_ff(layout: MLPLayout, down: nn.Module) -> int:
 
 def find_mlps(model: nn.Module) -> list[MLPSite]:
     """All MLPs of the (language) model in layer order.
+
+    For a VLM these are the language backbone's MLPs, under their own names (e.g.
+    ``model.language_model.layers.3.mlp``, Idefics3's ``model.text_model.layers.3.mlp``);
+    modules under a vision tower (:data:`_VISION_PARTS`) and projectors are never MLP sites.
 
     Raises:
         UnsupportedArchitectureError: no layout for the model type, or no MLP found.

@@ -57,6 +57,7 @@ from safeneuron.scoring import (
     score_neurons,
     select_by_t,
 )
+from safeneuron.vlm import is_vlm, processor_of, record_multimodal_activations
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +358,12 @@ def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_k
         write_json(progress_file, {"run_key": run_key, "batch_size": config.batch_size, "batches_done": batches_done})
 
     t0 = time.perf_counter()
-    stats = record_activations(
-        loaded.model, loaded.tokenizer, {"harmful": harmful, "harmless": harmless},
+    if is_vlm(loaded.model):  # the prompts become typographic image+text prompts (safeneuron.vlm)
+        record, inputs = record_multimodal_activations, processor_of(loaded)
+    else:
+        record, inputs = record_activations, loaded.tokenizer
+    stats = record(
+        loaded.model, inputs, {"harmful": harmful, "harmless": harmless},
         position=config.position, batch_size=config.batch_size, max_length=config.max_length,
         by_category=("harmful",) if config.by_category else False, stats=stats, skip_batches=skip, on_batch=checkpoint,
         progress=progress, stats_device=config.stats_device,

@@ -106,6 +106,23 @@ def _check_config(config: dict, name: str, trust_remote_code: bool) -> None:
         )
 
 
+def _is_local_vlm(path: str) -> bool:
+    """True when ``path`` is a model directory whose config.json has a vision config."""
+    config_file = Path(path) / "config.json"
+    return config_file.is_file() and bool(json.loads(config_file.read_text()).get("vision_config"))
+
+
+def _is_hub_vlm(path: str, trust_remote_code: bool) -> bool:
+    """True when the (already fetched) hub config of ``path`` has a vision config (LLaVA, Qwen2-VL, ...)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # the causal-LM error is the one to report
+        return False
+    return getattr(config, "vision_config", None) is not None
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -113,7 +130,7 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer.
+    """Load a causal LM and its tokenizer (a VLM and its processor: :func:`safeneuron.vlm.load_vlm`).
 
     Args:
         model: hub id, local directory, an embedded name, or None for the embedded default.
@@ -125,6 +142,10 @@ def load_model(
 
     name, path = resolve_model(model)
     _check_local_dir(Path(path), trust_remote_code)
+    from safeneuron.vlm import LoadedVLM, is_vlm, load_processor, load_vlm
+
+    if _is_local_vlm(path):  # image+text model: its processor comes along
+        return load_vlm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     map_all = device == "auto-map"
     target = pick_device("auto" if map_all else device)
     torch_dtype = pick_dtype(dtype, target)
@@ -138,12 +159,17 @@ def load_model(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "trust_remote_code" in str(err):
             raise ModelLoadError(f"{name}: needs its own code; pass --trust-remote-code only if you trust it") from None
+        if "Unrecognized configuration class" in str(err) and _is_hub_vlm(path, trust_remote_code):
+            return load_vlm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
     if not map_all:
         lm.to(target)
     lm.eval()
     find_mlps(lm)  # unsupported layouts fail here, before any work
     logger.info("loaded %s (%s, %s, %s)", name, lm.config.model_type, torch_dtype, target)
+    if is_vlm(lm):  # a hub VLM that AutoModelForCausalLM builds whole (Gemma 3)
+        processor = load_processor(name, path, trust_remote_code)
+        return LoadedVLM(lm, getattr(processor, "tokenizer", tok), name, path, processor=processor)
     return LoadedModel(lm, tok, name, path)
 
 

@@ -19,12 +19,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(chat_template: bool = True):
-    """A character-level fast tokenizer (printable ASCII) with chat special tokens."""
+def make_tokenizer(chat_template: bool = True, extra_specials: tuple[str, ...] = ()):
+    """A character-level fast tokenizer (printable ASCII) with chat special tokens.
+
+    ``extra_specials`` (e.g. a VLM's image tokens) get the ids right after the chat
+    specials, before the characters."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", *extra_specials]
     chars = [c for c in string.printable if c not in "\x0b\x0c"]
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
