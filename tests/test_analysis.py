@@ -33,6 +33,15 @@ from safeneuron.models import LoadedModel
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models and probes run faster on one thread, and far faster on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- overlap ratio
 def core_plus_private(k=5, n=1000, core=10, private=30):
     """k sets: one shared core of ``core`` neurons plus ``private`` neurons of their own each."""
@@ -206,7 +215,7 @@ def identified(tmp_path_factory):
 def test_analyze_writes_the_artifact_contract(identified, tmp_path):
     root, lm = identified
     other = LoadedModel(tiny_model("llama", seed=1), make_tokenizer(), "tiny-llama-aligned", "<memory>")
-    config = AnalyzeConfig(identify=[str(root / "identify")], max_prompts=24, n_splits=1, probe_max_iter=30)
+    config = AnalyzeConfig(identify=[str(root / "identify")], max_prompts=16, n_splits=1, probe_max_iter=30)
     result = analyze(config, tmp_path / "analysis", loaded=lm, compare={"safeneuron": other}, progress=False)
     out = tmp_path / "analysis"
     for name in ("layer_distribution.json", "categories.json", "separability.json", "analysis.json",
@@ -221,14 +230,14 @@ def test_analyze_writes_the_artifact_contract(identified, tmp_path):
     assert cats["overlap"]["mean"][0] == 1.0
     sep = json.loads((out / "separability.json").read_text())
     assert [m["name"] for m in sep["models"]] == ["base", "safeneuron"]
-    assert sep["held_out_from_identification"] and sep["n_harmful"] == sep["n_harmless"] == 24
+    assert sep["held_out_from_identification"] and sep["n_harmful"] == sep["n_harmless"] == 16
     assert sep["position"] == "max"  # the identification's pooling
     for m in sep["models"]:
         assert len(m["residual"]) == len(m["neurons"]) == len(m["safety_neurons"]) == len(m["random_neurons"]) == 3
         assert all(0.0 <= a <= 1.0 for a in m["residual"] + m["neurons"])
         assert m["n_safety"] == list(result.layer_distribution["rows"][0]["selected"])
     manifest = json.loads((out / "analysis.json").read_text())
-    assert manifest["settings"]["max_prompts"] == 24 and "separability_s" in manifest["timings"]
+    assert manifest["settings"]["max_prompts"] == 16 and "separability_s" in manifest["timings"]
 
 
 def test_analyze_probes_prompts_held_out_from_identification(identified):
