@@ -80,7 +80,8 @@ class AnalyzeConfig:
     """Settings of the analysis stage."""
 
     model: str | None = None
-    """Base model for the separability probes: hub id or local directory; None = the embedded default."""
+    """Base model for the separability probes: hub id or local directory; None = the identified model
+    (identify.json's ``model``), else the embedded default."""
     compare: list[str] = field(default_factory=list)
     """Further models to probe, e.g. aligned ones: ``name=path`` or a path (named after its directory)."""
     identify: list[str] = field(default_factory=list)
