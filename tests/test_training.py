@@ -234,3 +234,14 @@ def test_cli_align_and_foreign_out_dir(tmp_path, model_dir, capsys):
     with pytest.raises(AlignOutputError):
         align(quick_config(rounds=1, max_steps=2, beta=0.3), prefs, out,
               loaded=load_model(str(model_dir), device="cpu"), progress=False)
+
+
+def test_align_without_prefs_synthesises_them(tmp_path, model_dir):
+    out = tmp_path / "syn"
+    config = quick_config(quick=True, max_steps=2, max_prompts=8)
+    result = align(config, None, out, loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    prefs = out / "prefs" / "prefs.jsonl"
+    assert prefs.is_file() and (out / "prefs" / "prefs.manifest.json").is_file()
+    rows = [json.loads(line) for line in prefs.read_text().splitlines()]
+    assert result.manifest["prefs"]["n_pairs"] == len(rows) > 0
+    assert {r["kind"] for r in rows} <= {"harmful", "harmless"} and result.manifest["rounds"] == 1  # quick profile

@@ -1,0 +1,255 @@
+"""Alignment benchmarks (issue: neuron-frozen iterative DPO).
+
+(step)  step time and peak memory of masked DPO (safety neurons ablated + frozen, restore after every
+        step) vs plain TRL DPO on the same model, batch and data; full fine-tuning and LoRA.
+        Goal: <= 1.10x time, <= 1.05x memory. Each variant runs in its own process (peak RSS is per
+        process); variants alternate and each is repeated, the best median counts.
+(round) wall time of one round of the default ``align`` (identification on the built-in prompts,
+        default DPO schedule) on a model, full and LoRA: identification, step time and saving are
+        measured; the DPO part of a default round is extrapolated from the measured step time
+        (``--round-steps`` steps are run, the default schedule's step count is computed).
+
+Usage:
+    .venv/bin/python benchmarks/bench_align.py --parts step --model smollm2-135m-instruct
+    .venv/bin/python benchmarks/bench_align.py --parts step,round --model qwen2.5-coder-0.5b-instruct
+Writes benchmarks/results/align.json (merged with earlier runs, keyed by part and model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "align.json"
+
+
+def preference_pairs(n: int):
+    """The shared HarmBench DPO pairs when ../shared is present, else built-in prompts with templates."""
+    from safeneuron.data.preferences import PreferenceSet, load_preferences, refusal_templates
+    from safeneuron.data.prompts import load_prompts
+
+    path = SHARED / "dpo_safety_harmbench" / "dpo_pairs.jsonl"
+    if path.exists():
+        return load_preferences(path, limit=n)
+    prompts = load_prompts(None, default="harmful", limit=n).prompts
+    templates = refusal_templates()
+    return PreferenceSet([{"prompt": p, "chosen": templates[i % len(templates)],
+                           "rejected": "Sure, here is a detailed answer. First, gather what you need, then follow "
+                                       "these steps carefully one by one."} for i, p in enumerate(prompts)],
+                         "builtin-harmful+templates")
+
+
+def machine() -> dict:
+    import transformers
+    import trl
+
+    return {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__,
+            "loadavg_1m": os.getloadavg()[0]}
+
+
+# --------------------------------------------------------------------------- (step) one variant per process
+def step_worker(args) -> dict:
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
+
+    from safeneuron.config import AlignConfig
+    from safeneuron.masks import SafetyNeuronMask
+    from safeneuron.models import load_model
+    from safeneuron.training import SafeNeuronDPOTrainer, dpo_config, lora_config
+
+    loaded = load_model(args.model, device="auto")
+    model, tok = loaded.model, loaded.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    config = AlignConfig(max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
+                         gradient_accumulation_steps=1, max_length=args.max_length, lora=args.lora,
+                         warmup_ratio=0.0, save_steps=10_000)
+    dataset = preference_pairs(args.batch_size * (args.warmup + args.steps)).to_trl(tok)
+    out = tempfile.mkdtemp(prefix="bench_align_")
+    dpo_args = dpo_config(config, out, progress=False)
+    dpo_args.save_strategy = "no"
+    ref = None if args.lora else copy.deepcopy(model).eval().requires_grad_(False)
+    peft = lora_config(config) if args.lora else None
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    common = dict(model=model, ref_model=ref, args=dpo_args, train_dataset=dataset, processing_class=tok,
+                  peft_config=peft, callbacks=[Timer()])
+    mask = None
+    if args.variant == "masked":
+        mask = SafetyNeuronMask.random(model, frac=args.frac, seed=0)
+        trainer = SafeNeuronDPOTrainer(frozen=mask, **common)
+    else:
+        trainer = DPOTrainer(**common)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    measured = times[args.warmup:]
+    result = {
+        "variant": args.variant, "lora": args.lora, "model": loaded.name, "steps_timed": len(measured),
+        "step_s_median": statistics.median(measured), "step_s_all": measured,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "neurons_frozen": mask.count() if mask is not None else 0,
+    }
+    if torch.cuda.is_available():
+        result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if mask is not None:
+        freezer = trainer.freezer
+        t0 = time.perf_counter()
+        for _ in range(20):
+            freezer.restore()
+        result["restore_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+        result["exact"] = not freezer.changed()
+    return result
+
+
+def run_step(args) -> dict:
+    rows = []
+    for repeat in range(args.repeats):
+        for lora in (False, True):
+            for variant in ("plain", "masked"):
+                cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--variant", variant,
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
+                       str(args.batch_size), "--max-length", str(args.max_length), "--frac", str(args.frac)]
+                if lora:
+                    cmd.append("--lora")
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"worker failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["repeat"] = repeat
+                rows.append(row)
+                print(f"  {'lora' if lora else 'full'} {variant:>6}: {row['step_s_median']:.3f} s/step, "
+                      f"peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
+    summary = {}
+    for lora in (False, True):
+        best = {}
+        for variant in ("plain", "masked"):
+            sel = [r for r in rows if r["lora"] == lora and r["variant"] == variant]
+            best[variant] = {"step_s": min(r["step_s_median"] for r in sel),
+                             "peak_rss_gib": min(r["peak_rss_gib"] for r in sel)}
+            if "peak_cuda_gib" in sel[0]:
+                best[variant]["peak_cuda_gib"] = min(r["peak_cuda_gib"] for r in sel)
+        key = "lora" if lora else "full"
+        summary[key] = {**best, "time_ratio": best["masked"]["step_s"] / best["plain"]["step_s"],
+                        "memory_ratio": best["masked"]["peak_rss_gib"] / best["plain"]["peak_rss_gib"]}
+        if "peak_cuda_gib" in best["plain"]:
+            summary[key]["cuda_memory_ratio"] = best["masked"]["peak_cuda_gib"] / best["plain"]["peak_cuda_gib"]
+    return {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
+            "mask_fraction": args.frac, "warmup_steps": args.warmup, "steps": args.steps, "repeats": args.repeats,
+            "goal": {"time_ratio": "<= 1.10", "memory_ratio": "<= 1.05"}, "summary": summary, "runs": rows,
+            "machine": machine()}
+
+
+# --------------------------------------------------------------------------- (round) default align
+def run_round(args) -> dict:
+    from safeneuron.config import AlignConfig
+    from safeneuron.models import load_model
+    from safeneuron.training import align
+
+    out = {}
+    pairs = preference_pairs(args.round_pairs)
+    for lora in (False, True):
+        default = AlignConfig(lora=lora)
+        n_pairs = len(pairs)
+        per_step = default.per_device_train_batch_size * default.gradient_accumulation_steps
+        default_steps = math.ceil(n_pairs / per_step) * int(default.num_train_epochs)
+        config = AlignConfig(model=args.model, rounds=1, lora=lora, max_steps=args.round_steps, warmup_ratio=0.0,
+                             save_steps=10_000)
+        t0 = time.perf_counter()
+        loaded = load_model(args.model)
+        load_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="bench_round_") as tmp:
+            result = align(config, pairs, Path(tmp) / "run", loaded=loaded, progress=False)
+        m = result.rounds[0]
+        steps = [h for h in m["log_history"] if "loss" in h and "rewards/margins" in h]
+        train_s = m["timings"]["train_s"]
+        step_s = m["training"].get("train_runtime_s", train_s) / max(1, len(steps))
+        estimate = m["timings"]["identify_s"] + default_steps * step_s + m["timings"]["save_s"]
+        row = {"lora": lora, "model": loaded.name, "n_pairs": n_pairs, "identify_s": m["timings"]["identify_s"],
+               "neurons_frozen": m["neurons_frozen"], "steps_run": len(steps), "step_s": step_s,
+               "train_s_measured": train_s, "save_s": m["timings"]["save_s"], "load_s": load_s,
+               "default_steps": default_steps,
+               "default_round_s_estimate": estimate,
+               "estimate": "identify_s + default_steps * step_s + save_s (DPO part extrapolated)",
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "frozen_exact": m["freezing"]["exact"]}
+        print(f"  {'lora' if lora else 'full'}: identify {row['identify_s']:.0f} s, {step_s:.1f} s/step x "
+              f"{default_steps} default steps, save {row['save_s']:.0f} s -> ~{estimate / 60:.1f} min per round",
+              flush=True)
+        out["lora" if lora else "full"] = row
+        del result, loaded
+    return {"model": args.model, "defaults": {k: getattr(AlignConfig(), k) for k in (
+        "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+        "learning_rate", "beta", "weight_decay", "lr_scheduler_type")}, "pairs_source": pairs.source,
+        "rounds": out, "machine": machine()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="step", help="comma-separated: step, round")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--frac", type=float, default=0.025, help="fraction of neurons in the random mask")
+    p.add_argument("--round-steps", type=int, default=2, help="DPO steps actually run in the round benchmark")
+    p.add_argument("--round-pairs", type=int, default=100)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
+    p.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.worker:
+        print(json.dumps(step_worker(args)))
+        return
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for part in args.parts.split(","):
+        print(f"[{part}] {args.model}", flush=True)
+        t0 = time.perf_counter()
+        if part == "step":
+            value = run_step(args)
+        elif part == "round":
+            value = run_round(args)
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+        value["wall_s"] = time.perf_counter() - t0
+        value["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+        results.setdefault(part, {})[args.model] = value
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
