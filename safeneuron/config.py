@@ -409,6 +409,9 @@ class AttackConfig:
     """Score ranked by ``top_frac`` (``es``, ``t``, ``sas``, ``shift``; ``probe_gate``/``probe_up`` for NeuroStrike)."""
     method: str = "stats"
     """Attacker's identification: ``stats`` (ES + SAS) or ``neurostrike`` (logistic probes on gate/up outputs)."""
+    position: str = "mean"
+    """Attacker's token pooling for identification (``max``, ``last``, ``mean``). On the embedded model the mean-pooled
+    sets carry refusal (pruning them removes it) while the max-pooled ones barely do, so the attacker uses ``mean``."""
     rounds: int = 1
     """Iterative pruning: identify, prune, re-identify on the pruned model, prune the union; this many rounds."""
     harmful: str | None = None
@@ -441,6 +444,8 @@ class AttackConfig:
             raise ConfigError(f"set must be es, sas or union (full), got {self.set!r}")
         if self.method not in ("stats", "neurostrike"):
             raise ConfigError(f"method must be 'stats' or 'neurostrike', got {self.method!r}")
+        if self.position not in ("max", "last", "mean"):
+            raise ConfigError(f"position must be max, last or mean, got {self.position!r}")
         for name in ("random_frac", "top_frac"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -500,6 +505,8 @@ class EvalConfig:
     """Attacker's harmless identification prompts (built-in by default)."""
     identify_prompts: int = 64
     """Attacker's identification prompts per class."""
+    attack_position: str = "mean"
+    """Attacker's token pooling for identification (``max``, ``last``, ``mean``; see AttackConfig.position)."""
     sweep: list[float] | None = field(default_factory=lambda: list(SWEEP_FRACTIONS))
     """Fractions of all neurons pruned (top by ``sweep_score``) for the robustness curve; empty list to skip."""
     sweep_score: str = "es"
@@ -510,6 +517,9 @@ class EvalConfig:
     """MMLU/ARC-format CSV (question,A,B,C,D,answer) for multiple-choice accuracy; None = skipped."""
     n_mc: int = 60
     """Multiple-choice questions (seeded sample)."""
+    mc_scoring: str = "letter"
+    """``letter`` (log-likelihood of the answer letter after the listed options, MMLU style) or ``option`` (of each
+    option's text, ARC style)."""
     ppl_file: str | None = None
     """Text for perplexity (prompt file or .txt); None = the harmless prompts' text."""
     n_ppl: int = 64
@@ -549,6 +559,10 @@ class EvalConfig:
             self.templates = []
         if self.lm_eval_tasks is not None and [t.lower() for t in self.lm_eval_tasks] == ["none"]:
             self.lm_eval_tasks = None
+        if self.mc_scoring not in ("letter", "option"):
+            raise ConfigError(f"mc_scoring must be 'letter' or 'option', got {self.mc_scoring!r}")
+        if self.attack_position not in ("max", "last", "mean"):
+            raise ConfigError(f"attack_position must be max, last or mean, got {self.attack_position!r}")
         if self.attack_method not in ("stats", "neurostrike"):
             raise ConfigError(f"attack_method must be 'stats' or 'neurostrike', got {self.attack_method!r}")
         for name in ("n_harmful", "n_harmless", "n_xstest", "n_template_prompts", "n_sweep_prompts", "n_mc", "n_ppl",

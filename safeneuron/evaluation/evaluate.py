@@ -1,0 +1,419 @@
+"""The comparison: every measurement on every model, one JSON and one table.
+
+For each model, in order (each step's answers are cached under
+``out/generations/<model>/``, so a killed evaluation resumes where it stopped)::
+
+    plain ASR            harmful prompts, judged
+    pruning attack       ASR after pruning the ES set, the SAS set, their union (FULL),
+                         identified on this very model (adaptive) or from --mask
+    robustness curve     ASR with the top 0 .. 5 % of neurons by ES pruned, and its area
+    jailbreak templates  ASR per template, and the worst case
+    over-refusal         refusal rate on harmless and on XSTest-style prompts
+    capability           MC accuracy (log-likelihood), perplexity, lm-eval tasks
+    red-team misuse      share of requests to write a jailbreak prompt complied with
+
+``out/results.json`` (the contract)::
+
+    {"models": [{"name", "path", "judge", "n_harmful", "n_harmless",
+                 "asr": {"ori", "es", "sas", "full"}, "asr_ci95": {<same keys>: [lo, hi]},
+                 "asr_templates": {template: rate}, "curve": [[fraction, asr], ...],
+                 "over_refusal", "mc_accuracy", "perplexity", "redteam_compliance",
+                 "pruned_counts": {"es", "sas", "full"}, ...}], "settings", ...}
+
+Rates are in [0, 1]; a measurement that was skipped is ``null``. Fractions are of
+all MLP neurons (0.01 = 1 %). Extra keys carry the counts, every rate's 95 % Wilson
+interval, the judges, the attacker and timings.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from safeneuron.artifacts import write_json, write_text
+from safeneuron.config import EvalConfig
+from safeneuron.evaluation.judges import Judge, RefusalJudge, load_judge
+from safeneuron.evaluation.measure import GenerationSettings, judged_responses, model_tag
+from safeneuron.evaluation.metrics import Rate, curve_area
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate_model", "evaluate_models", "results_markdown", "model_slug", "given_masks"]
+
+_PROTOCOL = ("ori", "es", "sas", "full")
+
+
+def model_slug(name: str) -> str:
+    """A directory name for a model name or path."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name).strip("/")).strip("_.")
+    return slug[-80:] or "model"
+
+
+def _ci(rate: Rate) -> list[float] | None:
+    ci = rate.ci95
+    return [round(ci[0], 6), round(ci[1], 6)] if ci else None
+
+
+def given_masks(path: str | Path) -> dict:
+    """ES/SAS/FULL masks of a given mask file or identify directory; a plain mask file
+    (one set) is FULL only."""
+    from safeneuron.masks import SafetyNeuronMask
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "safety_neurons.safetensors"
+    sets = SafetyNeuronMask.sets_in(path)
+    named = {"es": "es", "sas": "sas", "full": "union"}
+    if any(s in sets for s in named.values()):
+        return {k: SafetyNeuronMask.load(path, set=s) if s in sets else None for k, s in named.items()}
+    return {"es": None, "sas": None, "full": SafetyNeuronMask.load(path, set=None)}
+
+
+def evaluate_model(
+    loaded,
+    config: EvalConfig | None = None,
+    out: str | Path = "eval",
+    *,
+    name: str | None = None,
+    judge: Judge | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run every enabled measurement on one loaded model; returns its results entry.
+
+    Args:
+        loaded: a :class:`safeneuron.models.LoadedModel`.
+        out: the evaluation directory (answers cached in ``out/generations/<name>/``,
+            the attacker's identification in ``out/attack/<name>/``).
+        name: the model's name in the results (default: ``loaded.name``).
+        judge: the ASR judge (default: ``config.judge`` loaded here).
+    """
+    from safeneuron.attacks import (
+        attack_masks,
+        attacker_config,
+        attacker_identification,
+        attacker_prompts,
+        fraction_sweep,
+    )
+    from safeneuron.evaluation.capability import load_mc, mc_accuracy, perplexity, run_lm_eval
+    from safeneuron.evaluation.sets import (
+        apply_template,
+        load_eval_prompts,
+        load_redteam_goals,
+        load_templates,
+        redteam_request,
+    )
+    config = config or EvalConfig()
+    config.validate()
+    out = Path(out)
+    name = name or str(loaded.name)
+    slug = model_slug(name)
+    gen_dir = out / "generations" / slug
+    judge = judge or load_judge(config.judge, device=config.device)
+    refusal_judge = RefusalJudge()
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                  seed=config.seed)
+    tag = model_tag(loaded)
+    timings: dict[str, float] = {}
+    t_model = time.perf_counter()
+
+    def run(prompts, what="compliant", *, mask=None, judge_prompts=None, cache="harmful", gen=settings,
+            use_judge=None):
+        return judged_responses(loaded, prompts, use_judge or judge, what=what, mask=mask,
+                                judge_prompts=judge_prompts, settings=gen, cache=gen_dir / f"{cache}.jsonl",
+                                tag=tag, progress=progress)
+
+    # The attacker's identification prompts never enter a measurement (same split for every model).
+    id_config = attacker_config(loaded, method=config.attack_method, position=config.attack_position,
+                                harmful=config.identify_harmful,
+                                harmless=config.identify_harmless, n_prompts=config.identify_prompts,
+                                seed=config.seed, batch_size=config.batch_size)
+    id_harmful, id_harmless = attacker_prompts(id_config)
+
+    entry: dict = {"name": name, "path": str(loaded.path), "model_type": loaded.model_type, "judge": judge.name}
+    harmful = load_eval_prompts(config.harmful, default="harmful", n=config.capped(config.n_harmful),
+                                seed=config.seed, exclude=id_harmful.prompts)
+    harmless = load_eval_prompts(config.harmless, default="harmless", n=config.capped(config.n_harmless),
+                                 seed=config.seed, exclude=id_harmless.prompts)
+    entry["n_harmful"] = len(harmful)
+    entry["n_harmless"] = len(harmless)
+    sources = {"harmful": harmful.source, "harmless": harmless.source}
+
+    # ---------------------------------------------------------------- plain ASR and the pruning attack
+    t0 = time.perf_counter()
+    asr: dict = dict.fromkeys(_PROTOCOL)
+    asr_ci: dict = dict.fromkeys(_PROTOCOL)
+    asr_k: dict = dict.fromkeys(_PROTOCOL)
+    pruned_counts: dict = dict.fromkeys(("es", "sas", "full"))
+    ori = run(harmful.prompts)
+    r = Rate(ori.k, ori.n)
+    asr["ori"], asr_ci["ori"], asr_k["ori"] = r.value, _ci(r), r.k
+    timings["asr_s"] = time.perf_counter() - t0
+
+    attacker = None
+    identification = None
+    if config.attack:
+        t0 = time.perf_counter()
+        if config.mask:
+            attacker = {"mode": "given mask", "mask": config.mask}
+            masks = given_masks(config.mask)
+        else:
+            attacker = {"mode": "adaptive", "method": config.attack_method, "position": config.attack_position,
+                        "identify_prompts": {"harmful": len(id_harmful), "harmless": len(id_harmless)},
+                        "harmful": id_harmful.source, "harmless": id_harmless.source}
+            identification = attacker_identification(loaded, id_config, out / "attack" / slug / "identify",
+                                                     progress=progress)
+            masks = attack_masks(identification)
+        timings["attack_identify_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for key in ("es", "sas", "full"):
+            m = masks.get(key)
+            if m is None:
+                continue
+            m.check(loaded.model)
+            judged = run(harmful.prompts, mask=m)
+            r = Rate(judged.k, judged.n)
+            asr[key], asr_ci[key], asr_k[key] = r.value, _ci(r), r.k
+            pruned_counts[key] = m.count()
+        timings["attack_generate_s"] = time.perf_counter() - t0
+    entry.update(asr=asr, asr_ci95=asr_ci, asr_k=asr_k, pruned_counts=pruned_counts, attacker=attacker)
+
+    # ---------------------------------------------------------------- robustness curve
+    curve, curve_points = None, None
+    if config.attack and config.sweep and identification is not None:
+        t0 = time.perf_counter()
+        score = config.sweep_score
+        if config.attack_method == "neurostrike" and score in ("es", "t", "sas", "shift"):
+            score = "probe_up"
+        sweep_prompts = harmful.prompts[: config.capped(config.n_sweep_prompts)]
+        curve_points = fraction_sweep(loaded, identification.scores, config.sweep, sweep_prompts, judge, score=score,
+                                      settings=settings, cache=gen_dir / "harmful.jsonl", tag=tag, progress=progress)
+        curve = [[p["fraction"], p["asr"]] for p in curve_points]
+        entry["curve_score"] = score
+        timings["sweep_s"] = time.perf_counter() - t0
+    elif config.attack and config.sweep:
+        logger.info("robustness curve skipped: it needs the attacker's own identification (scores), not --mask")
+    entry["curve"] = curve
+    entry["curve_area"] = curve_area(curve) if curve else None
+    entry["curve_points"] = curve_points
+
+    # ---------------------------------------------------------------- jailbreak templates
+    asr_templates, templates_ci, worst = None, None, None
+    templates = load_templates(config.templates)
+    n_tpl = config.capped(config.n_template_prompts)
+    if templates and n_tpl:
+        t0 = time.perf_counter()
+        base = harmful.prompts[:n_tpl]
+        asr_templates, templates_ci = {}, {}
+        for tname, template in templates.items():
+            judged = run([apply_template(template, p) for p in base], judge_prompts=base, cache="templates")
+            r = Rate(judged.k, judged.n)
+            asr_templates[tname], templates_ci[tname] = r.value, _ci(r)
+        worst = max(asr_templates, key=lambda t: asr_templates[t])
+        timings["templates_s"] = time.perf_counter() - t0
+    entry.update(asr_templates=asr_templates, asr_templates_ci95=templates_ci,
+                 asr_worst_template=asr_templates[worst] if worst else None, worst_template=worst,
+                 n_template_prompts=len(harmful.prompts[:n_tpl]) if templates else 0)
+
+    # ---------------------------------------------------------------- over-refusal
+    t0 = time.perf_counter()
+    over = run(harmless.prompts, "refused", cache="harmless", use_judge=refusal_judge) if len(harmless) else None
+    r = Rate(over.k, over.n) if over else Rate(0, 0)
+    entry.update(over_refusal=r.value, over_refusal_ci95=_ci(r))
+    xs_rate = Rate(0, 0)
+    n_xs = config.capped(config.n_xstest)
+    if config.xstest and n_xs:
+        xs = load_eval_prompts(config.xstest, default="xstest_like", n=n_xs, seed=config.seed)
+        sources["xstest"] = xs.source
+        judged = run(xs.prompts, "refused", cache="xstest", use_judge=refusal_judge)
+        xs_rate = Rate(judged.k, judged.n)
+    entry.update(over_refusal_xstest=xs_rate.value, over_refusal_xstest_ci95=_ci(xs_rate), n_xstest=xs_rate.n)
+    timings["over_refusal_s"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- capability
+    mc_rate = Rate(0, 0)
+    n_mc = config.capped(config.n_mc)
+    if config.mc_file and n_mc:
+        t0 = time.perf_counter()
+        questions = load_mc(config.mc_file, n=n_mc, seed=config.seed)
+        correct = mc_accuracy(loaded.model, loaded.tokenizer, questions, scoring=config.mc_scoring,
+                              batch_size=max(1, config.batch_size // 2))
+        mc_rate = Rate(sum(correct), len(correct))
+        sources["mc"] = str(config.mc_file)
+        timings["mc_s"] = time.perf_counter() - t0
+    entry.update(mc_accuracy=mc_rate.value, mc_accuracy_ci95=_ci(mc_rate), n_mc=mc_rate.n,
+                 mc_scoring=config.mc_scoring if mc_rate.n else None)
+
+    ppl, ppl_tokens = None, 0
+    n_ppl = config.capped(config.n_ppl)
+    if n_ppl:
+        t0 = time.perf_counter()
+        texts = load_eval_prompts(config.ppl_file or config.harmless, default="harmless", n=n_ppl, seed=config.seed,
+                                  exclude=id_harmless.prompts)
+        ppl, ppl_tokens = perplexity(loaded.model, loaded.tokenizer, texts.prompts,
+                                     batch_size=max(1, config.batch_size // 2))
+        sources["perplexity"] = texts.source
+        timings["perplexity_s"] = time.perf_counter() - t0
+    entry.update(perplexity=ppl, perplexity_tokens=ppl_tokens)
+
+    lm_eval_results = None
+    if config.lm_eval_tasks:
+        t0 = time.perf_counter()
+        lm_eval_results = run_lm_eval(loaded.model, loaded.tokenizer, config.lm_eval_tasks,
+                                      limit=config.lm_eval_limit, batch_size=config.batch_size)
+        timings["lm_eval_s"] = time.perf_counter() - t0
+    entry["lm_eval"] = lm_eval_results
+
+    # ---------------------------------------------------------------- red-team generator misuse
+    rt_rate, transfer = Rate(0, 0), None
+    n_rt = config.capped(config.n_redteam)
+    if config.redteam and n_rt:
+        t0 = time.perf_counter()
+        goals = load_redteam_goals(config.redteam, n=n_rt, seed=config.seed)
+        rt_settings = GenerationSettings(max_new_tokens=config.redteam_max_new_tokens, batch_size=config.batch_size,
+                                         seed=config.seed)
+        judged = run([redteam_request(g) for g in goals.prompts], cache="redteam", gen=rt_settings,
+                     use_judge=refusal_judge)
+        rt_rate = Rate(judged.k, judged.n)
+        sources["redteam"] = goals.source
+        if config.redteam_transfer:
+            written = [resp for resp, ok in zip(judged.responses, judged.flags) if ok and resp.strip()]
+            if written:
+                tj = run(written, cache="redteam_transfer")
+                tr = Rate(tj.k, tj.n)
+                transfer = {"asr": tr.value, "ci95": _ci(tr), "n": tr.n}
+        timings["redteam_s"] = time.perf_counter() - t0
+    entry.update(redteam_compliance=rt_rate.value, redteam_compliance_ci95=_ci(rt_rate), n_redteam=rt_rate.n,
+                 redteam_transfer=transfer)
+
+    entry["judges"] = {"asr": judge.name, "templates": judge.name, "over_refusal": refusal_judge.name,
+                       "redteam": refusal_judge.name}
+    entry["sources"] = sources
+    timings["total_s"] = time.perf_counter() - t_model
+    entry["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    return entry
+
+
+def evaluate_models(
+    models: Sequence,
+    config: EvalConfig | None = None,
+    out: str | Path = "eval",
+    *,
+    progress: bool = True,
+) -> dict:
+    """Evaluate several models on the same prompts and write ``out/results.json``,
+    ``out/results.md`` and ``out/generations/``.
+
+    Args:
+        models: hub ids, local directories, embedded names (None = the embedded
+            default) or already loaded :class:`~safeneuron.models.LoadedModel` objects.
+    Returns:
+        The results dict (also in ``out/results.json``, rewritten after each model).
+    """
+    from safeneuron.identify import versions
+    from safeneuron.models import LoadedModel, load_model
+
+    config = config or EvalConfig()
+    config.validate()
+    out = Path(out)
+    t_start = time.perf_counter()
+    judge = load_judge(config.judge, device=config.device)
+    results: dict = {"models": [], "settings": asdict(config), "versions": versions()}
+    seen: set[str] = set()
+    for spec in models or [None]:
+        loaded = spec if isinstance(spec, LoadedModel) else load_model(spec, dtype=config.dtype, device=config.device)
+        name = str(loaded.name)
+        while name in seen:
+            name += "'"
+        seen.add(name)
+        logger.info("evaluating %s", name)
+        entry = evaluate_model(loaded, config, out, name=name, judge=judge, progress=progress)
+        results["models"].append(entry)
+        results["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+        results["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(out / "results.json", results)
+        write_text(out / "results.md", results_markdown(results))
+        if not isinstance(spec, LoadedModel):
+            del loaded
+            gc.collect()
+    return results
+
+
+# --------------------------------------------------------------------------- the table
+def _pct(value, ci=None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{100 * value:.1f}"
+    if ci:
+        text += f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+    return text
+
+
+def results_markdown(results: dict) -> str:
+    """``results.json`` as markdown tables: rates in %, with 95 % Wilson intervals."""
+    models = results["models"]
+    lines = ["# safeneuron evaluation", ""]
+    lines += [
+        "Rates in %, [95 % Wilson interval]; n/a = not measured. ASR = share of harmful prompts answered "
+        "compliantly (judge below); FULL = the ES and SAS sets pruned together.",
+        "",
+        "| model | n harmful | ASR ORI | ASR ES | ASR SAS | ASR FULL | worst template | curve area | "
+        "over-refusal | XSTest-like refusal | MC acc | perplexity | red-team compliance |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        a, c = m["asr"], m["asr_ci95"]
+        worst = "n/a" if m.get("worst_template") is None else \
+            f"{_pct(m['asr_worst_template'])} ({m['worst_template']})"
+        ppl = "n/a" if m.get("perplexity") is None else f"{m['perplexity']:.2f}"
+        area = "n/a" if m.get("curve_area") is None else _pct(m["curve_area"])
+        lines.append(
+            f"| {m['name']} | {m['n_harmful']} | {_pct(a['ori'], c['ori'])} | {_pct(a['es'], c['es'])} | "
+            f"{_pct(a['sas'], c['sas'])} | {_pct(a['full'], c['full'])} | {worst} | {area} | "
+            f"{_pct(m['over_refusal'], m.get('over_refusal_ci95'))} (n={m['n_harmless']}) | "
+            f"{_pct(m.get('over_refusal_xstest'), m.get('over_refusal_xstest_ci95'))} (n={m.get('n_xstest', 0)}) | "
+            f"{_pct(m.get('mc_accuracy'), m.get('mc_accuracy_ci95'))} (n={m.get('n_mc', 0)}) | {ppl} | "
+            f"{_pct(m.get('redteam_compliance'), m.get('redteam_compliance_ci95'))} (n={m.get('n_redteam', 0)}) |"
+        )
+    lines.append("")
+    lines.append("| model | judge (ASR) | attacker | pruned ES / SAS / FULL |")
+    lines.append("|---|---|---|---|")
+    for m in models:
+        att = m.get("attacker") or {}
+        mode = att.get("mode", "none")
+        if mode == "adaptive":
+            mode += f" ({att.get('method')}, {att['identify_prompts']['harmful']}+{att['identify_prompts']['harmless']} prompts)"
+        elif mode == "given mask":
+            mode += f" ({att.get('mask')})"
+        pc = m["pruned_counts"]
+        counts = " / ".join("n/a" if pc[k] is None else str(pc[k]) for k in ("es", "sas", "full"))
+        lines.append(f"| {m['name']} | {m['judge']} | {mode} | {counts} |")
+
+    if any(m.get("curve") for m in models):
+        fracs = sorted({p[0] for m in models for p in (m.get("curve") or [])})
+        lines += ["", "Robustness curve: ASR (%) with the top fraction of neurons pruned "
+                  f"(score: {next(m.get('curve_score') for m in models if m.get('curve'))}).", ""]
+        lines.append("| model | " + " | ".join(f"{100 * f:g} %" for f in fracs) + " | area |")
+        lines.append("|---|" + "---|" * (len(fracs) + 1))
+        for m in models:
+            pts = dict((f, a) for f, a in (m.get("curve") or []))
+            lines.append(f"| {m['name']} | " + " | ".join(_pct(pts.get(f)) for f in fracs)
+                         + f" | {_pct(m.get('curve_area'))} |")
+
+    if any(m.get("asr_templates") for m in models):
+        names = list(dict.fromkeys(t for m in models for t in (m.get("asr_templates") or {})))
+        lines += ["", "Jailbreak templates: ASR (%) per template.", ""]
+        lines.append("| template | " + " | ".join(m["name"] for m in models) + " |")
+        lines.append("|---|" + "---|" * len(models))
+        for t in names:
+            cells = []
+            for m in models:
+                rates = m.get("asr_templates") or {}
+                cells.append(_pct(rates.get(t), (m.get("asr_templates_ci95") or {}).get(t)))
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""One measurement: generate answers (optionally with neurons pruned), judge them.
+
+:func:`judged_responses` is the step every rate in safeneuron goes through: it
+generates (cached, resumable), applies the judge and returns per-prompt flags, so a
+rate is always ``k / n`` of flags the caller can inspect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from safeneuron.evaluation.generation import generate
+from safeneuron.evaluation.judges import Judge
+from safeneuron.masks import SafetyNeuronMask
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GenerationSettings", "Judged", "judged_responses", "model_tag"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings shared by every measurement of a run (greedy by default)."""
+
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    max_length: int = 1024
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def kwargs(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Judged:
+    """Responses and the judge's per-prompt flags (True = compliant / refused)."""
+
+    responses: list[str]
+    flags: list[bool]
+
+    @property
+    def k(self) -> int:
+        return int(sum(self.flags))
+
+    @property
+    def n(self) -> int:
+        return len(self.flags)
+
+    @property
+    def rate(self) -> float | None:
+        return self.k / self.n if self.n else None
+
+
+def model_tag(loaded) -> str:
+    """Identity of a model in generation-cache keys: its weights' hash when local, else its name."""
+    from safeneuron.models import weights_hash
+
+    whash = None
+    try:
+        whash = weights_hash(loaded.path) if loaded.path else None
+    except OSError:
+        whash = None
+    return f"{loaded.name}@{whash[:16]}" if whash else str(loaded.name)
+
+
+def judged_responses(
+    loaded,
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    what: str = "compliant",
+    mask: SafetyNeuronMask | None = None,
+    judge_prompts: Sequence[str] | None = None,
+    settings: GenerationSettings = GenerationSettings(),
+    cache: str | Path | None = None,
+    tag: str = "",
+    progress: bool = True,
+) -> Judged:
+    """Generate an answer to every prompt (with ``mask``'s neurons pruned, when given)
+    and judge it.
+
+    Args:
+        what: ``compliant`` (harmful compliance, for ASR) or ``refused`` (over-refusal).
+        judge_prompts: what the judge sees as the request (e.g. the plain harmful
+            prompt behind a jailbreak template); ``prompts`` by default.
+        tag: cache-key text naming the model and the attack; a non-empty ``mask`` adds
+            its digest, so differently pruned models never share cached answers.
+    """
+    from safeneuron.attacks import mask_digest, prune_neurons
+
+    if what not in ("compliant", "refused"):
+        raise ValueError(f"what must be 'compliant' or 'refused', got {what!r}")
+    pruning = mask is not None and mask.count() > 0
+    full_tag = f"{tag}|prune:{mask_digest(mask)}" if pruning else tag
+    ctx = prune_neurons(loaded.model, mask) if pruning else contextlib.nullcontext()
+    with ctx:
+        responses = generate(loaded.model, loaded.tokenizer, list(prompts), cache=cache, tag=full_tag,
+                             progress=progress, **settings.kwargs())
+    if what == "refused":
+        flags = judge.refusals(responses)
+    else:
+        flags = judge.compliant(list(judge_prompts if judge_prompts is not None else prompts), responses)
+    return Judged(responses, [bool(f) for f in flags])

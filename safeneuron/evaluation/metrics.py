@@ -1,0 +1,79 @@
+"""Rates with confidence intervals, and the robustness-curve area (pure functions).
+
+Every rate safeneuron reports is ``k / n`` with its count ``n`` and a 95 % Wilson
+score interval, which stays inside [0, 1] and is sensible at ``k = 0`` or ``k = n``
+(unlike the normal approximation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["Rate", "wilson_interval", "rate_of", "curve_area"]
+
+#: Two-sided 95 % normal quantile.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion ``k / n``; None when ``n == 0``.
+
+    ``center = (k + z^2/2) / (n + z^2)``, ``half = z sqrt(k(n-k)/n + z^2/4) / (n + z^2)``.
+    """
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
+    z2 = z * z
+    center = (k + z2 / 2) / (n + z2)
+    half = z * math.sqrt(k * (n - k) / n + z2 / 4) / (n + z2)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` of ``n`` with its 95 % Wilson interval; ``value`` is None when ``n == 0``."""
+
+    k: int
+    n: int
+
+    @property
+    def value(self) -> float | None:
+        return self.k / self.n if self.n else None
+
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        return wilson_interval(self.k, self.n)
+
+    def as_dict(self) -> dict:
+        ci = self.ci95
+        return {"rate": self.value, "k": self.k, "n": self.n, "ci95": list(ci) if ci else None}
+
+    def __str__(self) -> str:
+        if not self.n:
+            return "n/a"
+        lo, hi = self.ci95
+        return f"{self.value:.1%} [{lo:.0%}, {hi:.0%}] (n={self.n})"
+
+
+def rate_of(flags: Sequence[bool]) -> Rate:
+    """The share of True in ``flags``."""
+    return Rate(int(sum(bool(f) for f in flags)), len(flags))
+
+
+def curve_area(curve: Sequence[Sequence[float]]) -> float | None:
+    """Normalised area under an ASR-vs-fraction curve: the trapezoid integral over the
+    fraction divided by the fraction range, i.e. the mean ASR across the sweep, in [0, 1].
+
+    ``curve`` is ``[[fraction, asr], ...]`` (sorted here); points with a None ASR are
+    dropped. One point gives its ASR; no point gives None.
+    """
+    points = sorted((float(f), float(a)) for f, a in curve if a is not None)
+    if not points:
+        return None
+    if len(points) == 1 or points[-1][0] == points[0][0]:
+        return sum(a for _, a in points) / len(points)
+    area = sum((f1 - f0) * (a0 + a1) / 2 for (f0, a0), (f1, a1) in zip(points, points[1:]))
+    return area / (points[-1][0] - points[0][0])
