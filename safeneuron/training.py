@@ -40,6 +40,15 @@ from torch import nn
 from safeneuron import __version__
 from safeneuron.artifacts import ArtifactError, read_json, sha256_text, write_json
 from safeneuron.config import AlignConfig, IdentifyConfig, PrefsConfig, settings_hash
+from safeneuron.distributed import (
+    DistributedFreezeCallback,
+    all_true,
+    barrier,
+    is_main_process,
+    parallelism,
+    process_device,
+    world,
+)
 from safeneuron.data.preferences import (
     PreferenceDataError,
     PreferenceSet,
@@ -83,8 +92,10 @@ class SafeNeuronDPOTrainer(DPOTrainer):
 
     The freezer is installed after TRL has built (and, with ``peft_config``, wrapped)
     the model and before the optimizer exists; it restores the frozen entries after
-    every optimizer step. Call :meth:`remove_freezing` before saving or reusing the
-    model outside training.
+    every optimizer step. Under ``accelerate launch`` / ``torchrun`` it is bound to the
+    model accelerate prepared at the start of training (DDP, FSDP2; see
+    :mod:`safeneuron.distributed`). Call :meth:`remove_freezing` before saving or
+    reusing the model outside training.
     """
 
     def __init__(
@@ -105,13 +116,18 @@ class SafeNeuronDPOTrainer(DPOTrainer):
                                          freeze_embeddings=freeze_embeddings, freeze_attention=freeze_attention,
                                          freeze_layers=freeze_layers).install()
             self.add_callback(self.freezer.callback())
+            self.add_callback(DistributedFreezeCallback(self.freezer))
 
     def remove_freezing(self) -> dict | None:
-        """Remove the hooks; returns the freezer's summary with ``exact`` (frozen entries unchanged)."""
+        """Remove the hooks; returns the freezer's summary with ``exact`` (frozen entries unchanged).
+
+        Under a launch, ``exact`` covers every process (a collective: call it on all of
+        them) and ``changed`` lists this process's parameters.
+        """
         if self.freezer is None:
             return None
         changed = self.freezer.changed()
-        summary = dict(self.freezer.summary(), exact=not changed, changed=changed)
+        summary = dict(self.freezer.summary(), exact=all_true(not changed), changed=changed)
         self.freezer.remove()
         return summary
 
@@ -187,6 +203,19 @@ def _save_model_dir(model: nn.Module, tokenizer, path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _save_sharded_model_dir(trainer, tokenizer, path: Path) -> None:
+    """Like :func:`_save_model_dir` for an FSDP2 model: the Trainer gathers the full state dict (every process
+    takes part), the main process writes it."""
+    tmp = path.parent / f".{path.name}.sharded"
+    trainer.save_model(str(tmp))
+    if is_main_process():
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    barrier()
+
+
 def _link_dir(src: Path, dst: Path) -> None:
     """``dst`` becomes a copy of ``src`` (hard links where possible), atomically."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
@@ -221,7 +250,7 @@ def _last_checkpoint(trainer_dir: Path) -> str | None:
 
 
 def _load_round_model(path: Path, config: AlignConfig, name: str) -> LoadedModel:
-    loaded = load_model(str(path), dtype=config.dtype, device=config.device,
+    loaded = load_model(str(path), dtype=config.dtype, device=process_device(config.device),
                         trust_remote_code=config.trust_remote_code)
     return LoadedModel(loaded.model, loaded.tokenizer, name, str(path))
 
@@ -258,6 +287,9 @@ def _preferences(config: AlignConfig, prefs, loaded: LoadedModel, out: Path, pro
         safety = load_preferences(prefs, seed=config.seed)
     else:
         path = out / "prefs" / "prefs.jsonl"
+        if not path.exists() and world()[1] > 1:
+            raise PreferenceDataError("under accelerate launch / torchrun, give the preference pairs (--prefs); "
+                                      "synthesise them first in one process with `safeneuron prefs`")
         if not path.exists():
             prefs_config = PrefsConfig(model=config.model, seed=config.seed, dtype=config.dtype, device=config.device,
                                        quick=config.quick, mask=config.mask, neuron_set=config.neuron_set)
@@ -313,11 +345,16 @@ def _check_out_dir(out: Path, run_key: str, overwrite: bool) -> None:
     if not overwrite:
         raise AlignOutputError(f"{out} holds an alignment run with other settings, data or weights ({foreign[0]}); "
                                "pass --overwrite or choose another --out")
+    barrier()  # every process has read the old run before it goes
+    if not is_main_process():
+        barrier()
+        return
     for d in out.glob("round_*"):
         shutil.rmtree(d, ignore_errors=True)
     for f in ("align.json",):
         (out / f).unlink(missing_ok=True)
     shutil.rmtree(out / "model", ignore_errors=True)
+    barrier()
 
 
 def _identify_round(config: AlignConfig, loaded: LoadedModel, rdir: Path, r: int, progress: bool
@@ -377,7 +414,7 @@ def align(
 
         datasets.disable_progress_bars()
     if loaded is None:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device,
+        loaded = load_model(config.model, dtype=config.dtype, device=process_device(config.device),
                             trust_remote_code=config.trust_remote_code)
     base_name, base_path = loaded.name, loaded.path
     pairs = _preferences(config, prefs, loaded, out, progress)
@@ -385,6 +422,7 @@ def align(
     run_key = _run_key(config, pairs, whash, loaded)
     out.mkdir(parents=True, exist_ok=True)
     _check_out_dir(out, run_key, overwrite)
+    main = is_main_process()  # under a launch every process trains; the main one writes the artifacts
 
     done = _completed_rounds(out, run_key, config.rounds)
     round_metrics = [read_json(out / f"round_{r}" / "metrics.json") for r in range(1, done + 1)]
@@ -407,10 +445,14 @@ def align(
             stale = read_json(rdir / "round.json").get("run_key") != run_key
         except ArtifactError:
             stale = False
-        if stale:  # a killed round of another run (only reachable with overwrite)
-            shutil.rmtree(rdir)
-        rdir.mkdir(parents=True, exist_ok=True)
-        write_json(rdir / "round.json", {"run_key": run_key, "round": r, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        barrier()
+        if main:
+            if stale:  # a killed round of another run (only reachable with overwrite)
+                shutil.rmtree(rdir)
+            rdir.mkdir(parents=True, exist_ok=True)
+            write_json(rdir / "round.json", {"run_key": run_key, "round": r,
+                                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        barrier()
         t_round = time.perf_counter()
         model = loaded.model
         # 1. the frozen set
@@ -455,22 +497,35 @@ def align(
         checkpoint = _last_checkpoint(rdir / "trainer")
         if checkpoint:
             logger.info("round %d: resuming from %s", r, checkpoint)
+        if config.lora and trainer.is_fsdp_enabled:
+            raise AlignOutputError("align does not merge LoRA adapters trained under FSDP; train LoRA without "
+                                   "FSDP (one GPU, or DDP) or train all weights with FSDP2")
         trainer.train(resume_from_checkpoint=checkpoint)
         freeze_summary = trainer.remove_freezing()
         history = list(trainer.state.log_history)
-        model = trainer.model
-        if config.lora:
-            model = model.merge_and_unload()
-        model = _unpatch(model)
-        model.eval()
-        del trainer, ref
-        gc.collect()
+        sharded = parallelism(trainer.model) == "fsdp2"
         t_train = time.perf_counter() - t0
 
         # 3. artifacts: model, frozen set, metrics (last: marks the round complete)
         t0 = time.perf_counter()
-        _save_model_dir(model, tokenizer, rdir / "model")
-        record.save(rdir / "frozen.safetensors", metadata={"mode": config.mode, "round": str(r)})
+        if sharded:  # gather the FSDP2 shards into a checkpoint, then every process reloads it whole
+            _save_sharded_model_dir(trainer, tokenizer, rdir / "model")
+            del trainer, ref, model
+            loaded = None
+            gc.collect()
+            model = _load_round_model(rdir / "model", config, base_name).model
+        else:
+            model = trainer.model
+            if config.lora:
+                model = model.merge_and_unload()
+            model = _unpatch(model)
+            model.eval()
+            del trainer, ref
+            gc.collect()
+            if main:
+                _save_model_dir(model, tokenizer, rdir / "model")
+        if main:
+            record.save(rdir / "frozen.safetensors", metadata={"mode": config.mode, "round": str(r)})
         t_save = time.perf_counter() - t0
         metrics = {
             "round": r,
@@ -491,9 +546,11 @@ def align(
             "timings": {"identify_s": t_identify, "train_s": t_train, "save_s": t_save,
                         "wall_s": time.perf_counter() - t_round},
         }
-        write_json(rdir / "metrics.json", metrics)
-        if not config.keep_checkpoints:
-            shutil.rmtree(rdir / "trainer", ignore_errors=True)
+        if main:
+            write_json(rdir / "metrics.json", metrics)
+            if not config.keep_checkpoints:
+                shutil.rmtree(rdir / "trainer", ignore_errors=True)
+        barrier()
         round_metrics.append(metrics)
         tr = metrics["training"]
         logger.info("round %d/%d: %d neurons %s, loss %.4f -> %.4f, reward margin %.4f -> %.4f, %.1f s", r,
@@ -505,7 +562,7 @@ def align(
         frozen_prev = record if config.mode != "dpo" else None
 
     final_src = out / f"round_{config.rounds}" / "model"
-    if not (out / "model" / "config.json").is_file() or done < config.rounds:
+    if main and (not (out / "model" / "config.json").is_file() or done < config.rounds):
         _link_dir(final_src, out / "model")
     manifest = {
         "run_key": run_key,
@@ -527,7 +584,9 @@ def align(
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(out / "align.json", manifest)
+    if main:
+        write_json(out / "align.json", manifest)
+    barrier()
     return AlignResult(loaded.model, tokenizer, round_metrics, manifest, out)
 
 
