@@ -1,0 +1,185 @@
+"""The main job: config handling, a full run on a tiny model, kill-and-resume, and the
+real quick run on the embedded model (slow, kept in CI)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tokenizer, tiny_model
+from safeneuron.config import ConfigError
+from safeneuron.pipeline import DEFAULT_CONFIG, QUICK, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_file_is_current_and_valid():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gen_default_config import render
+
+    assert DEFAULT_CONFIG.read_text() == render(), "run scripts/gen_default_config.py"
+    config = load_run_config()
+    config.validate()
+    assert config.stage_config("identify").by_category is True
+
+
+def test_quick_profile_and_unknown_keys(tmp_path):
+    quick = load_run_config(quick=True)
+    assert quick.stage_config("evaluate").n_harmful == QUICK["evaluate"]["n_harmful"]
+    assert quick.stage_config("align").rounds == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[align]\nlearnig_rate = 1e-5\n')
+    with pytest.raises(ConfigError, match="unknown key 'learnig_rate'; did you mean 'learning_rate'"):
+        load_run_config(bad).validate()
+    bad.write_text('modez = ["dpo"]\n')
+    with pytest.raises(ConfigError, match="did you mean 'modes'"):
+        load_run_config(bad)
+
+
+TINY_RUN = """
+model = "{model}"
+quick = true
+modes = ["safeneuron", "dpo"]
+[identify]
+max_prompts = 16
+batch_size = 8
+tau_es = 0.5
+[prefs]
+n_harmful = 6
+n_harmless = 4
+max_new_tokens = 8
+[align]
+max_pairs = 8
+max_steps = 2
+per_device_train_batch_size = 2
+gradient_accumulation_steps = 1
+max_length = 96
+save_steps = 1
+tau_es = 0.5
+[evaluate]
+n_harmful = 6
+n_harmless = 4
+n_xstest = 4
+n_template_prompts = 3
+n_sweep_prompts = 4
+n_redteam = 2
+identify_prompts = 12
+max_new_tokens = 6
+n_ppl = 4
+[analyze]
+max_prompts = 12
+n_orders = 10
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def write_config(tmp_path, tiny_dir, **quick_overrides):
+    text = TINY_RUN.format(model=tiny_dir)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "safeneuron.cli", *args], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_run_on_a_tiny_model_writes_every_artifact(tmp_path, tiny_dir, monkeypatch):
+    from safeneuron import pipeline
+
+    monkeypatch.setitem(pipeline.QUICK, "evaluate", {})  # the tiny config sets its own sizes
+    monkeypatch.setitem(pipeline.QUICK, "identify", {})
+    monkeypatch.setitem(pipeline.QUICK, "analyze", {})
+    monkeypatch.setitem(pipeline.QUICK, "prefs", {"quick": True})
+    monkeypatch.setitem(pipeline.QUICK, "align", {"quick": True})
+    config = load_run_config(write_config(tmp_path, tiny_dir), out=str(tmp_path / "run"))
+    record = pipeline.run(config, progress=False)
+    out = tmp_path / "run"
+    for path in ("identify/identify.json", "prefs.jsonl", "align/safeneuron/align.json", "align/dpo/align.json",
+                 "align/safeneuron/model/config.json", "evaluate/results.json", "analysis/analysis.json",
+                 "report.html", "summary.md", "run.json"):
+        assert (out / path).exists(), path
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["base", "safeneuron", "dpo"]
+    for m in results["models"]:
+        for rate in list(m["asr"].values()) + [m["over_refusal"]]:
+            assert rate is None or 0.0 <= rate <= 1.0
+    assert set(record["stages"]) == {"identify", "prefs", "align/safeneuron", "align/dpo", "evaluate", "analyze",
+                                     "report"}
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["quick"] is True and run_json["wall_time_s"] > 0
+    summary = pipeline.run_summary(out)
+    assert "base" in summary and "report:" in summary
+    # A second run with the same settings redoes nothing: identification is reused.
+    stamp = (out / "identify" / "identify.json").stat().st_mtime_ns
+    pipeline.run(config, progress=False)
+    assert (out / "identify" / "identify.json").stat().st_mtime_ns == stamp
+
+
+def test_run_refuses_a_directory_of_other_settings(tmp_path, tiny_dir):
+    from safeneuron.errors import SafeneuronError
+    from safeneuron import pipeline
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"settings_hash": "something-else", "stages": {}}))
+    config = load_run_config(write_config(tmp_path, tiny_dir), out=str(out))
+    with pytest.raises(SafeneuronError, match="holds a run with other settings"):
+        pipeline.run(config, progress=False)
+
+
+def test_kill_during_alignment_then_resume(tmp_path, tiny_dir):
+    cfg = write_config(tmp_path, tiny_dir)
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "safeneuron.cli", "run", "--config", str(cfg), "--out", str(out), "--no-progress",
+            "--stages", "identify,prefs,align"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = out / "align" / "safeneuron" / "round_1" / "round.json"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[0][-3000:] if proc.poll() is not None else "alignment never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "align" / "safeneuron" / "align.json").exists()
+    stamp = (out / "identify" / "identify.json").stat().st_mtime_ns
+    res = subprocess.run(args, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "identify" / "identify.json").stat().st_mtime_ns == stamp  # identification not redone
+    assert "identification already complete" in res.stderr
+    assert (out / "align" / "safeneuron" / "align.json").exists() and (out / "align" / "dpo" / "align.json").exists()
+
+
+@pytest.mark.slow
+def test_quick_main_job_on_the_embedded_model(tmp_path):
+    out = tmp_path / "main"
+    t0 = time.time()
+    res = cli("run", "--quick", "--out", str(out), "--no-progress")
+    wall = time.time() - t0
+    assert res.returncode == 0, res.stderr[-4000:]
+    print(res.stdout)
+    print(f"quick main job: {wall / 60:.1f} min")
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    names = [m["name"] for m in results["models"]]
+    assert names == ["base", "safeneuron", "dpo"]
+    for m in results["models"]:
+        assert m["n_harmful"] >= 16
+        assert 0.0 <= m["asr"]["ori"] <= 1.0 and 0.0 <= m["asr"]["full"] <= 1.0
+        assert m["pruned_counts"]["full"] > 0
+    base = results["models"][0]
+    assert base["asr"]["ori"] < 0.9  # the embedded model refuses a share of harmful prompts
+    assert (out / "report.html").stat().st_size > 10_000 and (out / "summary.md").exists()
+    assert json.loads((out / "run.json").read_text())["quick"] is True
