@@ -251,3 +251,30 @@ def test_attack_command(tiny_dir, tmp_path, capsys):
     assert main(["attack", "--model", str(tiny_dir), "--random-frac", "5", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "fraction" in err
+
+
+def test_run_attack_neurostrike_and_iterative(tmp_path, monkeypatch):
+    import dataclasses
+
+    import safeneuron.attacks as attacks
+    from safeneuron.attacks import run_attack
+
+    original = attacks.attacker_config
+    # short probes with a low z cut: the tiny model's 48-wide layers and 16 prompts
+    monkeypatch.setattr(attacks, "attacker_config", lambda *a, **k: dataclasses.replace(
+        original(*a, **k), neurostrike_epochs=200, neurostrike_z=1.5))
+    harmful, harmless = _prompt_files(tmp_path)
+    loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny-llama", "tiny-llama")
+    common = dict(harmful=harmful, harmless=harmless, identify_prompts=8, limit=3, max_new_tokens=3)
+    ns = run_attack(AttackConfig(method="neurostrike", **common), tmp_path / "ns", loaded=loaded, progress=False)
+    assert ns["attacker"]["method"] == "neurostrike" and ns["attack"] == "union"
+    assert ns["pruned_count"] > 0  # the probes' union (gate and up)
+    with pytest.raises(AttackError, match="no 'es' set"):
+        run_attack(AttackConfig(method="neurostrike", set="es", **common), tmp_path / "ns", loaded=loaded,
+                   progress=False)
+    it = run_attack(AttackConfig(rounds=2, random_control=False, **common), tmp_path / "it", loaded=loaded,
+                    progress=False)
+    rounds = it["results"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["pruned"] <= rounds[1]["pruned"] == it["pruned_count"]
+    assert "random_control" not in it["results"]

@@ -74,6 +74,20 @@ def given_masks(path: str | Path) -> dict:
     return {"es": None, "sas": None, "full": SafetyNeuronMask.load(path, set=None)}
 
 
+def _identification_beside(mask_path: str | Path):
+    """The identification a mask file belongs to (``identify.json`` beside it), or None."""
+    from safeneuron.identify import Identification
+
+    path = Path(mask_path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / "identify.json").exists() and (folder / "scores.safetensors").exists():
+        try:
+            return Identification.load(folder)
+        except Exception as err:  # a partial or foreign directory: no sweep, not a failure
+            logger.info("%s: no usable identification for the sweep (%s)", folder, err)
+    return None
+
+
 def evaluate_model(
     loaded,
     config: EvalConfig | None = None,
@@ -161,6 +175,7 @@ def evaluate_model(
         if config.mask:
             attacker = {"mode": "given mask", "mask": config.mask}
             masks = given_masks(config.mask)
+            identification = _identification_beside(config.mask)  # its scores drive the sweep, when present
         else:
             attacker = {"mode": "adaptive", "method": config.attack_method, "position": config.attack_position,
                         "identify_prompts": {"harmful": len(id_harmful), "harmless": len(id_harmless)},
@@ -187,7 +202,7 @@ def evaluate_model(
     if config.attack and config.sweep and identification is not None:
         t0 = time.perf_counter()
         score = config.sweep_score
-        if config.attack_method == "neurostrike" and score in ("es", "t", "sas", "shift"):
+        if identification.manifest.get("method") == "neurostrike" and score in ("es", "t", "sas", "shift"):
             score = "probe_up"
         sweep_prompts = harmful.prompts[: config.capped(config.n_sweep_prompts)]
         curve_points = fraction_sweep(loaded, identification.scores, config.sweep, sweep_prompts, judge, score=score,
@@ -196,7 +211,7 @@ def evaluate_model(
         entry["curve_score"] = score
         timings["sweep_s"] = time.perf_counter() - t0
     elif config.attack and config.sweep:
-        logger.info("robustness curve skipped: it needs the attacker's own identification (scores), not --mask")
+        logger.info("robustness curve skipped: the mask has no identification (scores) beside it")
     entry["curve"] = curve
     entry["curve_area"] = curve_area(curve) if curve else None
     entry["curve_points"] = curve_points
