@@ -497,9 +497,13 @@ def align(
         checkpoint = _last_checkpoint(rdir / "trainer")
         if checkpoint:
             logger.info("round %d: resuming from %s", r, checkpoint)
-        if config.lora and trainer.is_fsdp_enabled:
-            raise AlignOutputError("align does not merge LoRA adapters trained under FSDP; train LoRA without "
-                                   "FSDP (one GPU, or DDP) or train all weights with FSDP2")
+        if trainer.is_fsdp_enabled:
+            if config.lora:
+                raise AlignOutputError("align does not merge LoRA adapters trained under FSDP; train LoRA without "
+                                       "FSDP (one GPU, or DDP) or train all weights with FSDP2")
+            if "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+                raise AlignOutputError("align saves every round's model whole: set fsdp_state_dict_type: "
+                                       "FULL_STATE_DICT in the accelerate FSDP config")
         trainer.train(resume_from_checkpoint=checkpoint)
         freeze_summary = trainer.remove_freezing()
         history = list(trainer.state.log_history)
