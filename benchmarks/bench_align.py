@@ -4,13 +4,15 @@
         step) vs plain TRL DPO on the same model, batch and data; full fine-tuning and LoRA.
         Goal: <= 1.10x time, <= 1.05x memory. Each variant runs in its own process (peak RSS is per
         process); variants alternate and each is repeated, the best median counts.
+(paired) the same comparison inside one process: masked and plain steps alternate (the freezer is
+        installed / removed between steps), so both see the same machine load; robust on a busy machine.
 (round) wall time of one round of the default ``align`` (identification on the built-in prompts,
         default DPO schedule) on a model, full and LoRA: identification, step time and saving are
         measured; the DPO part of a default round is extrapolated from the measured step time
         (``--round-steps`` steps are run, the default schedule's step count is computed).
 
 Usage:
-    .venv/bin/python benchmarks/bench_align.py --parts step --model smollm2-135m-instruct
+    .venv/bin/python benchmarks/bench_align.py --parts step,paired --model smollm2-135m-instruct
     .venv/bin/python benchmarks/bench_align.py --parts step,round --model qwen2.5-coder-0.5b-instruct
 Writes benchmarks/results/align.json (merged with earlier runs, keyed by part and model).
 """
@@ -66,6 +68,7 @@ def machine() -> dict:
 # --------------------------------------------------------------------------- (step) one variant per process
 def step_worker(args) -> dict:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer
 
     from safeneuron.config import AlignConfig
@@ -107,6 +110,7 @@ def step_worker(args) -> dict:
         trainer = SafeNeuronDPOTrainer(frozen=mask, **common)
     else:
         trainer = DPOTrainer(**common)
+    trainer.remove_callback(PrinterCallback)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -125,6 +129,7 @@ def step_worker(args) -> dict:
         for _ in range(20):
             freezer.restore()
         result["restore_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+        result["snapshot_mib"] = sum(e.snapshot.numel() * e.snapshot.element_size() for e in freezer.entries) / 2**20
         result["exact"] = not freezer.changed()
     return result
 
@@ -137,6 +142,8 @@ def run_step(args) -> dict:
                 cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--variant", variant,
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
                        str(args.batch_size), "--max-length", str(args.max_length), "--frac", str(args.frac)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
                 if lora:
                     cmd.append("--lora")
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -165,6 +172,82 @@ def run_step(args) -> dict:
             "mask_fraction": args.frac, "warmup_steps": args.warmup, "steps": args.steps, "repeats": args.repeats,
             "goal": {"time_ratio": "<= 1.10", "memory_ratio": "<= 1.05"}, "summary": summary, "runs": rows,
             "machine": machine()}
+
+
+# --------------------------------------------------------------------------- (paired) same process, interleaved
+def run_paired(args) -> dict:
+    """Step time with and without the freezer, alternating step by step in one process and trainer.
+
+    On a shared machine the load changes from minute to minute; interleaving masked and plain steps
+    exposes both to the same load, so the ratio of neighbouring steps is robust where separate
+    processes are not. "Plain" here is the same TRL trainer with the freezer removed (no hooks, no
+    restore), which runs exactly TRL's DPO step.
+    """
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from safeneuron.config import AlignConfig
+    from safeneuron.masks import SafetyNeuronMask
+    from safeneuron.models import load_model
+    from safeneuron.training import SafeNeuronDPOTrainer, dpo_config, lora_config
+
+    out = {}
+    for lora in (False, True):
+        loaded = load_model(args.model, device="auto")
+        model, tok = loaded.model, loaded.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        steps = args.warmup + 2 * args.steps
+        config = AlignConfig(max_steps=steps, per_device_train_batch_size=args.batch_size,
+                             gradient_accumulation_steps=1, max_length=args.max_length, lora=lora,
+                             warmup_ratio=0.0, save_steps=10_000)
+        dataset = preference_pairs(args.batch_size * steps).to_trl(tok)
+        dpo_args = dpo_config(config, tempfile.mkdtemp(prefix="bench_paired_"), progress=False)
+        dpo_args.save_strategy = "no"
+        ref = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
+        mask = SafetyNeuronMask.random(model, frac=args.frac, seed=0)
+        times: dict[str, list[float]] = {"masked": [], "plain": []}
+        holder: dict = {}
+
+        class Interleave(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                freezer = holder["trainer"].freezer
+                self.kind = "masked" if state.global_step % 2 == 0 else "plain"
+                if self.kind == "masked":
+                    freezer.install()
+                else:
+                    freezer.remove()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, a, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if state.global_step > args.warmup:
+                    times[self.kind].append(time.perf_counter() - self.t0)
+
+        trainer = SafeNeuronDPOTrainer(model=model, ref_model=ref, args=dpo_args, train_dataset=dataset,
+                                       processing_class=tok, peft_config=lora_config(config) if lora else None,
+                                       frozen=mask, callbacks=[Interleave()])
+        holder["trainer"] = trainer
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        trainer.freezer.remove()
+        pairs = list(zip(times["masked"], times["plain"]))
+        ratios = [m / p for m, p in pairs]
+        key = "lora" if lora else "full"
+        out[key] = {"masked_step_s_median": statistics.median(times["masked"]),
+                    "plain_step_s_median": statistics.median(times["plain"]),
+                    "paired_ratio_median": statistics.median(ratios), "paired_ratios": ratios,
+                    "masked_s": times["masked"], "plain_s": times["plain"], "neurons_frozen": mask.count()}
+        print(f"  {key}: masked {out[key]['masked_step_s_median']:.3f} s, plain "
+              f"{out[key]['plain_step_s_median']:.3f} s, paired ratio {out[key]['paired_ratio_median']:.3f}",
+              flush=True)
+        del trainer, model, ref, loaded
+    return {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
+            "mask_fraction": args.frac, "steps_per_variant": args.steps, "goal": "time ratio <= 1.10",
+            "summary": out, "machine": machine()}
 
 
 # --------------------------------------------------------------------------- (round) default align
@@ -213,7 +296,7 @@ def run_round(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="step", help="comma-separated: step, round")
+    p.add_argument("--parts", default="step", help="comma-separated: step, paired, round")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1)
@@ -223,6 +306,8 @@ def main() -> None:
     p.add_argument("--frac", type=float, default=0.025, help="fraction of neurons in the random mask")
     p.add_argument("--round-steps", type=int, default=2, help="DPO steps actually run in the round benchmark")
     p.add_argument("--round-pairs", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is far less sensitive to other jobs on a busy machine")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
     p.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
@@ -230,6 +315,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(step_worker(args)))
         return
@@ -239,13 +326,17 @@ def main() -> None:
         t0 = time.perf_counter()
         if part == "step":
             value = run_step(args)
+        elif part == "paired":
+            value = run_paired(args)
         elif part == "round":
             value = run_round(args)
         else:
             raise SystemExit(f"unknown part {part!r}")
         value["wall_s"] = time.perf_counter() - t0
         value["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-        results.setdefault(part, {})[args.model] = value
+        value["threads"] = torch.get_num_threads()
+        key = args.model if not args.threads else f"{args.model}@{args.threads}thread"
+        results.setdefault(part, {})[key] = value
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")

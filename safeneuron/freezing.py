@@ -207,6 +207,7 @@ class NeuronFreezer:
         """Zero the LoRA entries, snapshot, add gradient hooks and (with ``ablate``) the ablation hooks."""
         if self._stack is not None:
             return self
+        self.entries = []
         owned = self._owned()
         for name, param in self._module_params():
             self._set_requires_grad(name, param, False)
@@ -254,6 +255,10 @@ class NeuronFreezer:
             param.requires_grad_(flag)
         self._requires_grad.clear()
 
+    @property
+    def installed(self) -> bool:
+        return self._stack is not None
+
     def __enter__(self) -> "NeuronFreezer":
         return self.install()
 
@@ -287,7 +292,9 @@ class NeuronFreezer:
     # ------------------------------------------------------------------ restore and checks
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the snapshots back into the frozen entries (after an optimizer step)."""
+        """Copy the snapshots back into the frozen entries (after an optimizer step); a no-op once removed."""
+        if not self.installed:
+            return
         for e in self.entries:
             e.restore()
 
@@ -345,7 +352,7 @@ class RestoreFrozenCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        changed = self.freezer.changed()
+        changed = self.freezer.changed() if self.freezer.installed else []
         if changed:  # pragma: no cover - would be a bug
             raise FreezeError(f"frozen entries changed during training: {', '.join(changed[:5])}")
         return control

@@ -184,3 +184,18 @@ def test_dora_is_refused():
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
     with pytest.raises(FreezeError, match="DoRA"):
         NeuronFreezer(model, SafetyNeuronMask.random(model.get_base_model(), frac=0.1)).install()
+
+
+def test_reinstall_and_restore_after_remove():
+    model = tiny_model("llama")
+    freezer = NeuronFreezer(model, SafetyNeuronMask.random(model, frac=0.2, seed=6)).install()
+    n = len(freezer.entries)
+    freezer.remove()
+    name = freezer.entries[0].name
+    with torch.no_grad():
+        model.get_parameter(name).add_(1.0)
+    freezer.restore()  # removed: a no-op, the model is the user's again
+    assert freezer.changed()
+    freezer.install()  # snapshots taken afresh, not duplicated
+    assert len(freezer.entries) == n and not freezer.changed()
+    freezer.remove()
