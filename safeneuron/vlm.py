@@ -43,6 +43,7 @@ from safeneuron.activations import POSITIONS, ActivationStats, Batch, _forward, 
 from safeneuron.arch import MLPSite, find_mlps
 from safeneuron.artifacts import sha256_text
 from safeneuron.data.prompts import CATEGORY_COLUMNS, PROMPT_COLUMNS, PromptFileError, PromptSet, load_prompts
+from safeneuron.evaluation.generation import read_cache
 from safeneuron.models import LoadedModel, ModelLoadError, _check_local_dir, pick_device, pick_dtype, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -692,19 +693,6 @@ def record_multimodal_activations(
 
 
 # --------------------------------------------------------------------------- generation
-def _read_cache(path: Path) -> dict[str, str]:
-    """``{key: response}`` of a generation cache; a torn last line (crash) is ignored."""
-    out: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-                out[record["key"]] = record["response"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return out
-
-
 @torch.no_grad()
 def generate_multimodal(
     model: nn.Module,
@@ -733,7 +721,7 @@ def generate_multimodal(
     settings = json.dumps([tag, max_new_tokens, do_sample, temperature, top_p, seed, "image+text"])
     image_hashes = [image_sha256(p.load_image()) for p in prompts] if cache else [""] * len(prompts)
     keys = [sha256_text(settings, p.text, h)[:24] for p, h in zip(prompts, image_hashes)]
-    done = _read_cache(Path(cache)) if cache else {}
+    done = read_cache(cache) if cache else {}
     todo = [i for i, k in enumerate(keys) if k not in done]
     results = {k: done[k] for k in keys if k in done}
     if todo and len(todo) < len(prompts):
