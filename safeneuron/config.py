@@ -431,8 +431,8 @@ class AttackConfig:
     """``refusal`` (refusal phrases) or a safety classifier (hub id or path, e.g. Llama-Guard-3), combined with the phrases."""
     max_new_tokens: int = 48
     """Tokens generated per answer (the first sentence decides a refusal)."""
-    batch_size: int = 16
-    """Prompts per generation batch."""
+    batch_size: int = 32
+    """Prompts per generation batch (on a 2-core CPU, 24-48 per batch cost 3-8x less per token than 8-16)."""
     save: str | None = None
     """Also write the pruned model (weights edited, safetensors) to this directory."""
     seed: int = 0
@@ -540,8 +540,8 @@ class EvalConfig:
     """Tokens generated per answer (the first sentence decides a refusal; 48-64 suffices)."""
     redteam_max_new_tokens: int = 96
     """Tokens generated per red-team answer (a whole jailbreak prompt)."""
-    batch_size: int = 16
-    """Prompts per generation batch."""
+    batch_size: int = 32
+    """Prompts per generation batch (on a 2-core CPU, 24-48 per batch cost 3-8x less per token than 8-16)."""
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"

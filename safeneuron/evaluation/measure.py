@@ -27,7 +27,7 @@ class GenerationSettings:
     """Decoding settings shared by every measurement of a run (greedy by default)."""
 
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: int = 32
     max_length: int = 1024
     do_sample: bool = False
     temperature: float = 1.0
