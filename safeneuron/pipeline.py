@@ -211,10 +211,7 @@ def run(config: RunConfig | None = None, *, stages: tuple[str, ...] = STAGES, pr
         eval_cfg = config.stage_config("evaluate")
 
         def evaluate_all():
-            loaded = []
-            for name, path in models.items():
-                loaded.append(_Named(name, path))
-            return evaluate_models([m.load(config) for m in loaded], eval_cfg, out / "evaluate", progress=progress)
+            return evaluate_models(models, eval_cfg, out / "evaluate", progress=progress)  # loaded one at a time
 
         _stage(record, "evaluate", settings_hash(eval_cfg), out, evaluate_all)
 
@@ -243,21 +240,6 @@ def run(config: RunConfig | None = None, *, stages: tuple[str, ...] = STAGES, pr
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(run_file, record)
     return record
-
-
-@dataclass
-class _Named:
-    """A model of the comparison, loaded under its role's name (base, dpo, safeneuron)."""
-
-    name: str
-    path: str
-
-    def load(self, config: RunConfig):
-        from safeneuron.models import load_model
-
-        loaded = load_model(self.path, dtype=config.dtype, device=config.device)
-        loaded.name = self.name
-        return loaded
 
 
 # --------------------------------------------------------------------------- CLI

@@ -33,7 +33,7 @@ import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from safeneuron.artifacts import write_json, write_text
 from safeneuron.config import EvalConfig
@@ -314,7 +314,7 @@ def evaluate_model(
 
 
 def evaluate_models(
-    models: Sequence,
+    models: Sequence | Mapping[str, Any],
     config: EvalConfig | None = None,
     out: str | Path = "eval",
     *,
@@ -325,7 +325,9 @@ def evaluate_models(
 
     Args:
         models: hub ids, local directories, embedded names (None = the embedded
-            default) or already loaded :class:`~safeneuron.models.LoadedModel` objects.
+            default) or already loaded :class:`~safeneuron.models.LoadedModel` objects;
+            or a mapping display name -> one of those. Models given by name or path are
+            loaded one at a time (only one is in memory).
     Returns:
         The results dict (also in ``out/results.json``, rewritten after each model).
     """
@@ -339,9 +341,10 @@ def evaluate_models(
     judge = load_judge(config.judge, device=config.device)
     results: dict = {"models": [], "settings": asdict(config), "versions": versions()}
     seen: set[str] = set()
-    for spec in models or [None]:
+    named = list(models.items()) if isinstance(models, Mapping) else [(None, m) for m in (models or [None])]
+    for display, spec in named:
         loaded = spec if isinstance(spec, LoadedModel) else load_model(spec, dtype=config.dtype, device=config.device)
-        name = str(loaded.name)
+        name = str(display if display is not None else loaded.name)
         while name in seen:
             name += "'"
         seen.add(name)
