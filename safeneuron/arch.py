@@ -34,6 +34,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "find_mlps",
     "model_type_of",
+    "backbone_model_type",
 ]
 
 
@@ -135,6 +136,11 @@ def _text_model_types(model: nn.Module) -> list[str]:
         if sub_config is not None and getattr(sub_config, "model_type", None):
             types.append(sub_config.model_type)
     return types
+
+
+def backbone_model_type(model: nn.Module) -> str:
+    """The ``model_type`` of the language model: a VLM's text config's (``qwen2``, ``llama``, ...), else the model's."""
+    return _text_model_types(model)[-1]
 
 
 def layout_for(model: nn.Module) -> MLPLayout:

@@ -34,10 +34,11 @@ class IdentifyConfig:
     """Prompt column of the files (detected when None)."""
     method: str = "stats"
     """``stats`` (ES + SAS, closed form, streaming) or ``neurostrike`` (logistic probes)."""
-    position: str = "max"
-    """Token pooling per prompt: ``max`` over the prompt, ``last`` token, or ``mean``."""
+    position: str | None = None
+    """Token pooling per prompt: ``max`` over the prompt, ``last`` token, or ``mean``; None = ``max`` for text models,
+    ``last`` (the end of the prompt, after the image tokens) for vision-language models."""
     tau_es: float | None = None
-    """ES (Cohen's d) threshold; None = 3 for Qwen models, 2 for other families."""
+    """ES (Cohen's d) threshold; None = 3 for Qwen models, 2 for other families (a VLM: its language backbone's)."""
     tau_sas: float = 2.0
     """SAS z-score threshold within a layer."""
     select: str = "threshold"
@@ -71,7 +72,7 @@ class IdentifyConfig:
     def validate(self) -> None:
         if self.method not in ("stats", "neurostrike"):
             raise ConfigError(f"method must be 'stats' or 'neurostrike', got {self.method!r}")
-        if self.position not in ("max", "last", "mean"):
+        if self.position is not None and self.position not in ("max", "last", "mean"):
             raise ConfigError(f"position must be max, last or mean, got {self.position!r}")
         if self.tau_es is not None and not self.tau_es > 0:
             raise ConfigError(f"tau_es must be > 0, got {self.tau_es}")
@@ -487,6 +488,13 @@ class EvalConfig:
     """Harmless prompts for over-refusal."""
     n_xstest: int = 32
     """XSTest-style prompts for over-refusal."""
+    multimodal_harmful: str | None = None
+    """Vision-language models only: image+text harmful prompts for ``asr_multimodal`` (a JSONL of image path + text, a
+    ``builtin:`` multimodal set or a text set, typeset); None = the ASR prompts typeset as images (FigStep-style); empty
+    string to skip."""
+    multimodal_harmless: str | None = None
+    """Vision-language models only: image+text harmless prompts for ``over_refusal_multimodal``; None = the built-in
+    drawn scenes and charts (``builtin:harmless``); empty string to skip."""
     limit: int | None = None
     """Quick look: cap every prompt count (and MC questions) at this number."""
     templates: list[str] | None = None

@@ -30,20 +30,21 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from safeneuron import __version__
 from safeneuron.activations import ActivationStats, collect_activations, record_activations
-from safeneuron.arch import find_mlps
+from safeneuron.arch import backbone_model_type, find_mlps
 from safeneuron.artifacts import ArtifactError, load_tensors, read_json, save_tensors, write_json
-from safeneuron.config import IdentifyConfig, settings_hash
+from safeneuron.config import ConfigError, IdentifyConfig, settings_hash
 from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts
 from safeneuron.distributed import all_merge_stats, barrier, shard, world
 from safeneuron.masks import SafetyNeuronMask
-from safeneuron.models import LoadedModel, load_model, weights_hash
+from safeneuron.models import LoadedModel, is_vlm_checkpoint, load_model, weights_hash
 from safeneuron.scoring import (
     NeuronScores,
     cap_top_frac,
@@ -57,7 +58,7 @@ from safeneuron.scoring import (
     score_neurons,
     select_by_t,
 )
-from safeneuron.vlm import is_vlm, processor_of, record_multimodal_activations
+from safeneuron.vlm import MultimodalPromptSet, is_vlm, load_multimodal_set, processor_of, record_multimodal_activations
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +183,16 @@ def _neurostrike(loaded: LoadedModel, harmful: PromptSet, harmless: PromptSet, c
 
 
 # --------------------------------------------------------------------------- the stage
-def _load_sets(config: IdentifyConfig) -> tuple[PromptSet, PromptSet]:
-    harmful = load_prompts(config.harmful, default="harmful", column=config.prompt_column,
-                           limit=config.max_prompts, seed=config.seed)
-    harmless = load_prompts(config.harmless, default="harmless", column=config.prompt_column,
-                            limit=config.max_prompts, seed=config.seed)
+def _load_sets(config: IdentifyConfig, multimodal: bool = False
+               ) -> tuple[PromptSet | MultimodalPromptSet, PromptSet | MultimodalPromptSet]:
+    """The two classes' prompts: text prompts, or for a VLM image+text prompts
+    (:func:`safeneuron.vlm.load_multimodal_set`: image JSONL files, ``builtin:`` multimodal
+    sets, text sets typeset as images)."""
+    load = load_multimodal_set if multimodal else load_prompts
+    harmful = load(config.harmful, default="harmful", column=config.prompt_column, limit=config.max_prompts,
+                   seed=config.seed)
+    harmless = load(config.harmless, default="harmless", column=config.prompt_column, limit=config.max_prompts,
+                    seed=config.seed)
     for label, ps in (("harmful", harmful), ("harmless", harmless)):
         if len(ps) < 2:
             raise PromptFileError(f"{ps.source}: {len(ps)} {label} prompt(s); statistics need at least 2 per class")
@@ -218,13 +224,24 @@ def identify(
     out = Path(out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    harmful, harmless = _load_sets(config)
+    # prompts first (a bad prompt file fails before a model is loaded); a VLM gets image+text prompts
+    multimodal = is_vlm(loaded.model) if loaded is not None else is_vlm_checkpoint(config.model,
+                                                                                   config.trust_remote_code)
+    harmful, harmless = _load_sets(config, multimodal)
 
     t0 = time.perf_counter()
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device,
                             trust_remote_code=config.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
+    if is_vlm(loaded.model) != multimodal:  # the config alone could not tell (e.g. an unreachable hub config)
+        multimodal = not multimodal
+        harmful, harmless = _load_sets(config, multimodal)
+    if config.position is None:  # a VLM's prompt ends after its image tokens: pool the last position
+        config = replace(config, position="last" if multimodal else "max")
+    if multimodal and config.method == "neurostrike":
+        raise ConfigError("--method neurostrike records text prompts only; identify a vision-language model "
+                             "with --method stats")
     whash = weights_hash(loaded.path)
     run_key = _run_key(config, harmful, harmless, whash)
     rank, size = world()
@@ -251,7 +268,8 @@ def identify(
     out.mkdir(parents=True, exist_ok=True)
 
     model_type = loaded.model_type
-    tau_es = config.tau_es if config.tau_es is not None else default_tau_es(model_type)
+    backbone = backbone_model_type(loaded.model)  # a VLM's language model sets the ES threshold
+    tau_es = config.tau_es if config.tau_es is not None else default_tau_es(backbone)
     sites = find_mlps(loaded.model)
     n_neurons = sum(s.d_ff for s in sites)
     categories_out: dict[str, dict] = {}
@@ -302,6 +320,8 @@ def identify(
         "model": loaded.name,
         "model_path": loaded.path,
         "model_type": model_type,
+        "backbone_model_type": backbone,
+        "inputs": "image+text" if multimodal else "text",
         "weights_sha256": whash,
         "n_layers": len(sites),
         "d_ff": sites[0].d_ff,
@@ -341,21 +361,26 @@ def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_k
     partial = out / ".partial" / (f"rank{rank}-of-{size}" if size > 1 else "")
     stats, skip = None, 0
     progress_file = partial / "progress.json"
-    if progress_file.exists():
+    stats_file = partial / "stats.safetensors"
+    if stats_file.exists():
+        # The batch count is read from the statistics file itself (one atomic write): a kill between
+        # saving the statistics and progress.json must not count the last batches twice.
         try:
-            info = read_json(progress_file)
-            if info.get("run_key") == run_key and info.get("batch_size") == config.batch_size:
-                stats = ActivationStats.from_tensors(load_tensors(partial / "stats.safetensors"), config.position)
+            with safe_open(str(stats_file), framework="pt") as fh:
+                info = fh.metadata() or {}
+            if info.get("run_key") == run_key and info.get("batch_size") == str(config.batch_size):
+                stats = ActivationStats.from_tensors(load_tensors(stats_file), config.position)
                 skip = int(info["batches_done"])
                 logger.info("resuming identification after %d batches", skip)
-        except (ArtifactError, KeyError, ValueError):
+        except (ArtifactError, KeyError, ValueError, OSError, SafetensorError):  # unreadable: start over
             stats, skip = None, 0
 
     def checkpoint(batches_done: int, current: ActivationStats) -> None:
         if batches_done % config.checkpoint_every:
             return
-        save_tensors(partial / "stats.safetensors", current.to_tensors())
-        write_json(progress_file, {"run_key": run_key, "batch_size": config.batch_size, "batches_done": batches_done})
+        progress_info = {"run_key": run_key, "batch_size": config.batch_size, "batches_done": batches_done}
+        save_tensors(stats_file, current.to_tensors(), {k: str(v) for k, v in progress_info.items()})
+        write_json(progress_file, progress_info)  # for people reading the directory; resume trusts the metadata
 
     t0 = time.perf_counter()
     if is_vlm(loaded.model):  # the prompts become typographic image+text prompts (safeneuron.vlm)

@@ -23,7 +23,7 @@ from safeneuron.artifacts import read_json, sha256_file, sha256_text, write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "load_model", "resolve_model", "weights_hash", "ModelLoadError", "pick_device", "pick_dtype"]
+__all__ = ["LoadedModel", "load_model", "is_vlm_checkpoint", "resolve_model", "weights_hash", "ModelLoadError", "pick_device", "pick_dtype"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -121,6 +121,25 @@ def _is_hub_vlm(path: str, trust_remote_code: bool) -> bool:
     except Exception:  # the causal-LM error is the one to report
         return False
     return getattr(config, "vision_config", None) is not None
+
+
+def is_vlm_checkpoint(model: str | None, trust_remote_code: bool = False) -> bool:
+    """Whether ``model`` (as :func:`load_model` takes it) is a vision-language model, from its config alone.
+
+    Embedded models are text models; a local directory's config.json and a hub id's
+    (cached or fetched) config tell otherwise. Unreadable configs count as text models:
+    :func:`load_model` reports what is wrong.
+    """
+    from safeneuron import embedded
+
+    if model in (None, "", "embedded", "default") or (model in embedded.EMBEDDED_MODELS and not Path(model).exists()):
+        return False
+    if Path(model).is_dir():
+        try:
+            return _is_local_vlm(model)
+        except (OSError, ValueError):
+            return False
+    return _is_hub_vlm(model, trust_remote_code)
 
 
 def load_model(

@@ -24,6 +24,7 @@ final model) and ``align.json`` (settings and summary).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import os
@@ -60,6 +61,15 @@ from safeneuron.errors import SafeneuronError
 from safeneuron.freezing import NeuronFreezer, unwrap_peft
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model, pick_device, weights_hash
+from safeneuron.vlm import (
+    LoadedVLM,
+    image_preference_dataset,
+    images_sha256,
+    is_vlm,
+    pairs_have_images,
+    processor_of,
+    resolve_pair_images,
+)
 
 try:
     from trl import DPOConfig, DPOTrainer
@@ -250,9 +260,25 @@ def _last_checkpoint(trainer_dir: Path) -> str | None:
 
 
 def _load_round_model(path: Path, config: AlignConfig, name: str) -> LoadedModel:
+    """A round's saved model under the base model's name (a VLM with its processor)."""
     loaded = load_model(str(path), dtype=config.dtype, device=process_device(config.device),
                         trust_remote_code=config.trust_remote_code)
-    return LoadedModel(loaded.model, loaded.tokenizer, name, str(path))
+    return dataclasses.replace(loaded, name=name, path=str(path))
+
+
+def _with_images_resolved(pairs: PreferenceSet, base: Path) -> PreferenceSet:
+    """A copy whose pairs' relative ``image`` paths are resolved against ``base`` (the preference file's folder)."""
+    if not pairs_have_images(pairs.pairs):
+        return pairs
+    copies = [dict(p) for p in pairs.pairs]
+    resolve_pair_images(copies, base)
+    return PreferenceSet(copies, pairs.source)
+
+
+def _file_dir(source) -> Path:
+    """The folder image paths in a preference source are relative to: a file's own, else the working directory."""
+    path = Path(str(source))
+    return path.parent if not str(source).startswith("hf:") and path.is_file() else Path.cwd()
 
 
 def _summarise_logs(history: list[dict]) -> dict[str, Any]:
@@ -285,6 +311,8 @@ def _preferences(config: AlignConfig, prefs, loaded: LoadedModel, out: Path, pro
                 raise PreferenceDataError(f"in-memory pair {i} lacks prompt/chosen/rejected (has {', '.join(p)})")
     elif prefs is not None:
         safety = load_preferences(prefs, seed=config.seed)
+    if prefs is not None:  # image paths in a file are relative to it
+        safety = _with_images_resolved(safety, _file_dir(prefs) if isinstance(prefs, (str, Path)) else Path.cwd())
     else:
         path = out / "prefs" / "prefs.jsonl"
         if not path.exists() and world()[1] > 1:
@@ -297,6 +325,8 @@ def _preferences(config: AlignConfig, prefs, loaded: LoadedModel, out: Path, pro
                                    progress=progress)
         safety = load_preferences(path, seed=config.seed)  # read back: a resumed run sees the same pairs
     general = load_preferences(config.general, seed=config.seed) if config.general else None
+    if general is not None:
+        general = _with_images_resolved(general, _file_dir(config.general))
     return mix_preferences(safety, general, config.safety_ratio, max_pairs=config.max_pairs, seed=config.seed)
 
 
@@ -313,7 +343,8 @@ class AlignResult:
 
 
 def _run_key(config: AlignConfig, prefs: PreferenceSet, whash: str | None, loaded: LoadedModel) -> str:
-    return sha256_text(settings_hash(config, _NOT_RESULT), prefs.sha256, str(whash or loaded.path))[:16]
+    images = [images_sha256(prefs.pairs)] if pairs_have_images(prefs.pairs) else []  # pixels are data too
+    return sha256_text(settings_hash(config, _NOT_RESULT), prefs.sha256, str(whash or loaded.path), *images)[:16]
 
 
 def _completed_rounds(out: Path, run_key: str, rounds: int) -> int:
@@ -418,6 +449,10 @@ def align(
                             trust_remote_code=config.trust_remote_code)
     base_name, base_path = loaded.name, loaded.path
     pairs = _preferences(config, prefs, loaded, out, progress)
+    with_images = pairs_have_images(pairs.pairs)
+    if with_images and not is_vlm(loaded.model):
+        raise PreferenceDataError(f"{pairs.source}: pairs carry images but {base_name} "
+                                  f"({loaded.model_type}) is a text model; align a vision-language model")
     whash = weights_hash(base_path) if Path(base_path).is_dir() and str(base_path) else None
     run_key = _run_key(config, pairs, whash, loaded)
     out.mkdir(parents=True, exist_ok=True)
@@ -430,14 +465,22 @@ def align(
         logger.info("%s: rounds 1-%d of %d already complete", out, done, config.rounds)
         tokenizer = loaded.tokenizer
         loaded = None  # free the starting weights before loading the round's
+        processor = getattr(loaded, "processor", None)
         loaded = _load_round_model(out / f"round_{done}" / "model", config, base_name)
         loaded.tokenizer = tokenizer
+        if processor is not None:
+            loaded.processor = processor
     frozen_prev = (SafetyNeuronMask.load(out / f"round_{done}" / "frozen.safetensors", set=None)
                    if done and config.mode != "dpo" else None)
     tokenizer = loaded.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = pairs.to_trl(tokenizer)
+    # A VLM is saved with its processor (so it reloads as a VLM); image pairs are processed by it (TRL's vision
+    # collator: pixels + the chat template's image tokens), text pairs by the tokenizer.
+    processor = processor_of(loaded) if is_vlm(loaded.model) else None
+    dataset = image_preference_dataset(pairs.pairs) if with_images else pairs.to_trl(tokenizer)
+    processing_class = processor if with_images else tokenizer
+    saved_with = processor if processor is not None else tokenizer
 
     for r in range(done + 1, config.rounds + 1):
         rdir = out / f"round_{r}"
@@ -480,7 +523,7 @@ def align(
             ref_model=ref,
             args=args,
             train_dataset=dataset,
-            processing_class=tokenizer,
+            processing_class=processing_class,
             peft_config=lora_config(config) if config.lora else None,
             callbacks=list(callbacks),
             frozen=frozen,
@@ -513,7 +556,7 @@ def align(
         # 3. artifacts: model, frozen set, metrics (last: marks the round complete)
         t0 = time.perf_counter()
         if sharded:  # gather the FSDP2 shards into a checkpoint, then every process reloads it whole
-            _save_sharded_model_dir(trainer, tokenizer, rdir / "model")
+            _save_sharded_model_dir(trainer, saved_with, rdir / "model")
             del trainer, ref, model
             loaded = None
             gc.collect()
@@ -527,7 +570,7 @@ def align(
             del trainer, ref
             gc.collect()
             if main:
-                _save_model_dir(model, tokenizer, rdir / "model")
+                _save_model_dir(model, saved_with, rdir / "model")
         if main:
             record.save(rdir / "frozen.safetensors", metadata={"mode": config.mode, "round": str(r)})
         t_save = time.perf_counter() - t0
@@ -562,7 +605,8 @@ def align(
                     tr.get("loss_first", float("nan")), tr.get("loss_last", float("nan")),
                     tr.get("reward_margin_first", float("nan")), tr.get("reward_margin_last", float("nan")),
                     metrics["timings"]["wall_s"])
-        loaded = LoadedModel(model, tokenizer, base_name, str(rdir / "model"))
+        loaded = (LoadedVLM(model, tokenizer, base_name, str(rdir / "model"), processor=processor)
+                  if processor is not None else LoadedModel(model, tokenizer, base_name, str(rdir / "model")))
         frozen_prev = record if config.mode != "dpo" else None
 
     final_src = out / f"round_{config.rounds}" / "model"
@@ -575,7 +619,8 @@ def align(
         "weights_sha256": whash,
         "mode": config.mode,
         "rounds": config.rounds,
-        "prefs": {"source": pairs.source, "n_pairs": len(pairs), "sha256": pairs.sha256},
+        "prefs": {"source": pairs.source, "n_pairs": len(pairs), "sha256": pairs.sha256,
+                  "n_with_image": sum(p.get("image") not in (None, "") for p in pairs.pairs)},
         "summary": [{"round": m["round"], "neurons_frozen": m["neurons_frozen"],
                      "neurons_trained_only": m.get("neurons_trained_only"),
                      **{k: m["training"].get(k) for k in ("loss_first", "loss_last", "reward_margin_first",

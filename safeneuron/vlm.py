@@ -20,6 +20,9 @@ Prompt sets (no downloads; every image is drawn with Pillow):
   charts with questions about them.
 * :func:`load_multimodal_prompts`: a JSONL file of ``{"image": path, "text": ...,
   "category": ...}`` rows (image paths relative to the file).
+* :func:`load_multimodal_set`: what the stages call for a VLM: any prompt source
+  (image JSONL, ``builtin:`` multimodal set, or a text set that is typeset) as a
+  :class:`MultimodalPromptSet` with a source, a content hash and categories.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Iterator, Mapping, Sequence, Union
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from safeneuron.activations import POSITIONS, ActivationStats, Batch, _forward, model_device, neuron_hooks, pool_tokens
 from safeneuron.arch import MLPSite, find_mlps
-from safeneuron.artifacts import sha256_text
+from safeneuron.artifacts import sha256_file, sha256_text
 from safeneuron.data.prompts import CATEGORY_COLUMNS, PROMPT_COLUMNS, PromptFileError, PromptSet, load_prompts
 from safeneuron.evaluation.generation import read_cache
 from safeneuron.models import LoadedModel, ModelLoadError, _check_local_dir, pick_device, pick_dtype, resolve_model
@@ -54,6 +57,8 @@ __all__ = [
     "LoadedVLM",
     "MultimodalPrompt",
     "MultimodalPromptError",
+    "MultimodalPromptSet",
+    "MULTIMODAL_BUILTINS",
     "load_vlm",
     "load_processor",
     "is_vlm",
@@ -62,11 +67,16 @@ __all__ = [
     "typographic_prompts",
     "harmless_scene_prompts",
     "load_multimodal_prompts",
+    "load_multimodal_set",
     "render_multimodal_chat",
     "multimodal_batches",
     "record_multimodal_activations",
     "generate_multimodal",
     "image_sha256",
+    "image_preference_dataset",
+    "pairs_have_images",
+    "resolve_pair_images",
+    "images_sha256",
 ]
 
 #: The benign text request sent with a typographic image (FigStep's wording, lightly edited).
@@ -76,6 +86,9 @@ FIGSTEP_REQUEST = (
 )
 #: Column names recognised as the image path in a JSONL file, in order of preference.
 IMAGE_COLUMNS = ("image", "image_path", "img", "file")
+#: Built-in image+text sets (``builtin:<name>``): the harmful instructions typeset (FigStep-style), drawn
+#: scenes and charts with questions, and the harmless instructions typeset (the matched control).
+MULTIMODAL_BUILTINS = ("harmful", "harmless", "harmless_typographic")
 
 ImageSource = Union[Image.Image, str, Path, Callable[[], Image.Image]]
 
@@ -527,6 +540,172 @@ def _read_jsonl(path: Path, text_column: str | None, image_column: str | None) -
         category = record.get(cat_col) if cat_col else None
         prompts.append(MultimodalPrompt(str(text), image_path, str(category) if category not in (None, "") else None))
     return prompts
+
+
+def _image_identity(image: ImageSource) -> str:
+    """A cheap, stable identity of an image for content hashes: a file's sha256, a drawing's
+    function and arguments, or an in-memory image's pixels."""
+    if isinstance(image, Image.Image):
+        return image_sha256(image)
+    if isinstance(image, (str, Path)):
+        try:
+            return sha256_file(image)
+        except FileNotFoundError:
+            raise MultimodalPromptError(f"{image}: image not found") from None
+    if isinstance(image, functools.partial):
+        func = image.func
+        return f"{func.__module__}.{func.__qualname__}{image.args!r}{sorted(image.keywords.items())!r}"
+    return f"{getattr(image, '__module__', '?')}.{getattr(image, '__qualname__', repr(image))}"
+
+
+@dataclass
+class MultimodalPromptSet:
+    """Image+text prompts and where they came from: the image+text counterpart of
+    :class:`~safeneuron.data.prompts.PromptSet` (``len``, ``sha256``, ``source``,
+    ``categories``, ``category_names``, ``subset``, ``limit``), iterable over its
+    :class:`MultimodalPrompt` items."""
+
+    items: list[MultimodalPrompt]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[MultimodalPrompt]:
+        return iter(self.items)
+
+    def __getitem__(self, i: int) -> MultimodalPrompt:
+        return self.items[i]
+
+    @property
+    def texts(self) -> list[str]:
+        """The text request of each prompt."""
+        return [p.text for p in self.items]
+
+    @property
+    def categories(self) -> list[str | None]:
+        return [p.category for p in self.items]
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the texts, categories and images (file bytes, or how each image is drawn), in order."""
+        return sha256_text(*(f"{p.category}\t{p.text}\t{_image_identity(p.image)}" for p in self.items))
+
+    def category_names(self) -> list[str]:
+        """Distinct categories in first-seen order (None excluded)."""
+        return list(dict.fromkeys(c for c in self.categories if c is not None))
+
+    def subset(self, indices: Iterable[int], source: str | None = None) -> "MultimodalPromptSet":
+        return MultimodalPromptSet([self.items[i] for i in indices], source or self.source)
+
+    def limit(self, n: int | None, seed: int = 0) -> "MultimodalPromptSet":
+        """At most ``n`` prompts, a seeded random sample keeping the order (as ``PromptSet.limit``)."""
+        if n is None or n >= len(self):
+            return self
+        return self.subset(sorted(random.Random(seed).sample(range(len(self)), n)), f"{self.source}[{n}]")
+
+
+def _jsonl_has_image_column(path: Path, image_column: str | None) -> bool:
+    """True when a JSONL file's first record has an image column (an image+text prompt file)."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            first = next((line for line in fh if line.strip()), "")
+        record = json.loads(first) if first else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # the text loader reports what is wrong with the file
+    return isinstance(record, dict) and (_pick(list(record), (image_column,) if image_column else IMAGE_COLUMNS)
+                                         is not None)
+
+
+def load_multimodal_set(
+    source: str | Path | None = None,
+    *,
+    default: str = "harmful",
+    column: str | None = None,
+    image_column: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> MultimodalPromptSet:
+    """Image+text prompts for a VLM from any prompt source.
+
+    * ``None`` / ``"builtin"``: the built-in ``default`` text set (``harmful``,
+      ``harmless``, ...) typeset as images with :data:`FIGSTEP_REQUEST`. For
+      ``default="harmless"`` this is ``builtin:harmless_typographic``: the harmless
+      control then differs from the harmful prompts only in what the image says, not
+      in the kind of image or the text request.
+    * ``builtin:harmful`` / ``builtin:harmless_typographic``: the built-in instructions
+      typeset; ``builtin:harmless``: drawn scenes and charts with questions
+      (:func:`harmless_scene_prompts`, 48 prompts).
+    * a ``.jsonl`` file whose rows have an image column: :func:`load_multimodal_prompts`.
+    * any other text source (CSV/JSON/JSONL/TXT file, ``hf:<name>``, ``builtin:xstest_like``):
+      loaded by :func:`~safeneuron.data.prompts.load_prompts` and typeset.
+
+    ``limit`` takes the same seeded sample as ``load_prompts(..., limit, seed)``, so the
+    typeset prompts are exactly the text prompts a text-side loader picks.
+    """
+    src = None if source is None or str(source) == "builtin" else str(source)
+    if src is None:
+        src = "builtin:harmless_typographic" if default == "harmless" else f"builtin:{default}"
+    if src == "builtin:harmless":  # drawn scenes
+        return MultimodalPromptSet(load_multimodal_prompts(src), "builtin:harmless (scenes)").limit(limit, seed)
+    if src.startswith("builtin:") and src.split(":", 1)[1] in MULTIMODAL_BUILTINS:  # built-in text, typeset
+        text = load_prompts(src.replace("harmless_typographic", "harmless"), limit=limit, seed=seed)
+        return MultimodalPromptSet(typographic_prompts(text), f"{src} (typographic)")
+    path = Path(src)
+    if path.suffix.lower() == ".jsonl" and path.is_file() and _jsonl_has_image_column(path, image_column):
+        items = load_multimodal_prompts(path, text_column=column, image_column=image_column)
+        return MultimodalPromptSet(items, str(path)).limit(limit, seed)
+    text = load_prompts(src, column=column, limit=limit, seed=seed)
+    return MultimodalPromptSet(typographic_prompts(text), f"{text.source} (typographic)")
+
+
+# --------------------------------------------------------------------------- preference pairs with images
+def pairs_have_images(pairs: Sequence[Mapping]) -> bool:
+    """True when any preference pair carries an ``image``."""
+    return any(p.get("image") not in (None, "") for p in pairs)
+
+
+def resolve_pair_images(pairs: Sequence[dict], base: str | Path) -> None:
+    """Make relative ``image`` paths of preference pairs absolute (relative to ``base``, the file's folder), in place;
+    a missing image is a one-line error naming the pair."""
+    base = Path(base)
+    for i, pair in enumerate(pairs):
+        image = pair.get("image")
+        if image in (None, ""):
+            continue
+        if not isinstance(image, (str, Path)):
+            raise MultimodalPromptError(f"pair {i}: 'image' must be a path to an image file, got {type(image).__name__}")
+        path = Path(str(image)).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise MultimodalPromptError(f"pair {i}: image {path} not found")
+        pair["image"] = str(path)
+
+
+def images_sha256(pairs: Sequence[Mapping]) -> str:
+    """Hash of the pairs' images (file bytes), in order; pairs without an image count as empty."""
+    return sha256_text(*(_image_identity(p["image"]) if p.get("image") not in (None, "") else ""
+                         for p in pairs))
+
+
+def image_preference_dataset(pairs: Sequence[Mapping]):
+    """TRL vision preference records (what ``DPOTrainer`` takes with ``processing_class=processor``).
+
+    Each pair becomes ``{"images": [image] or [], "prompt": [user message], "chosen":
+    [assistant message], "rejected": [...]}`` with string contents; TRL's vision collator
+    puts the image placeholder before the first user text and renders the messages
+    with the processor's chat template (:func:`trl.data_utils.prepare_multimodal_messages`).
+    ``image`` is a path (resolved, see :func:`resolve_pair_images`) or a PIL image.
+    """
+    from datasets import Dataset
+
+    from safeneuron.data.preferences import PreferenceSet
+
+    rows = PreferenceSet([dict(p) for p in pairs]).to_trl(None).to_list()  # chat messages, as for text models
+    for row, pair in zip(rows, pairs):
+        image = pair.get("image")
+        row["images"] = [] if image in (None, "") else [MultimodalPrompt("", image).load_image()]
+    return Dataset.from_list(rows)
 
 
 # --------------------------------------------------------------------------- batching

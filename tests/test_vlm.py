@@ -321,19 +321,17 @@ def test_generate_multimodal_is_deterministic_and_cached(tmp_path):
 def test_freezing_is_bit_exact_after_dpo_steps_with_images(family, tmp_path):
     import copy
 
-    from datasets import Dataset
     from trl import DPOConfig
 
     from safeneuron.training import SafeNeuronDPOTrainer
+    from safeneuron.vlm import image_preference_dataset
 
     model, processor = tiny_vlm(family)
     prompts = small_sets(4, size=(40, 40))["harmful"]
-    data = Dataset.from_list([
-        {"images": [p.load_image()],
-         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.text[:40]}]}],
-         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "I can't help with that."}]}],
-         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Sure, here is how"}]}]}
-        for p in prompts])
+    # the records align() gives TRL for pairs with an ``image`` column (a path there; an image here)
+    data = image_preference_dataset([{"image": p.load_image(), "prompt": p.text[:40],
+                                      "chosen": "I can't help with that.", "rejected": "Sure, here is how"}
+                                     for p in prompts])
     mask = SafetyNeuronMask.random(model, frac=0.25, seed=1)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,

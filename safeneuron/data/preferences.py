@@ -241,7 +241,7 @@ def _simplify_completion(messages: list[dict]):
 
 
 def _to_pair(rec: dict, fmt: str, prefer: str, source: str, n: int) -> dict | None:
-    extra = {k: v for k, v in rec.items() if k in ("category", "source", "kind", "id")}
+    extra = {k: v for k, v in rec.items() if k in ("category", "source", "kind", "id", "image")}
     if fmt == "hh":
         if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
             return None

@@ -9,6 +9,8 @@ For each model, in order (each step's answers are cached under
     robustness curve     ASR with the top 0 .. 5 % of neurons by ES pruned, and its area
     jailbreak templates  ASR per template, and the worst case
     over-refusal         refusal rate on harmless and on XSTest-style prompts
+    image+text (VLMs)    ASR (plain and pruned) on the harmful prompts typeset as images,
+                         over-refusal on drawn scenes and charts
     capability           MC accuracy (log-likelihood), perplexity, lm-eval tasks
     red-team misuse      share of requests to write a jailbreak prompt complied with
 
@@ -18,6 +20,7 @@ For each model, in order (each step's answers are cached under
                  "asr": {"ori", "es", "sas", "full"}, "asr_ci95": {<same keys>: [lo, hi]},
                  "asr_templates": {template: rate}, "curve": [[fraction, asr], ...],
                  "over_refusal", "mc_accuracy", "perplexity", "redteam_compliance",
+                 "asr_multimodal": {"ori", "es", "sas", "full"}, "over_refusal_multimodal" (VLMs; else null),
                  "pruned_counts": {"es", "sas", "full"}, ...}], "settings", ...}
 
 Rates are in [0, 1]; a measurement that was skipped is ``null``. Fractions are of
@@ -196,6 +199,7 @@ def evaluate_model(
             pruned_counts[key] = m.count()
         timings["attack_generate_s"] = time.perf_counter() - t0
     entry.update(asr=asr, asr_ci95=asr_ci, asr_k=asr_k, pruned_counts=pruned_counts, attacker=attacker)
+    attack_sets = masks if config.attack else {}
 
     # ---------------------------------------------------------------- robustness curve
     curve, curve_points = None, None
@@ -248,6 +252,9 @@ def evaluate_model(
         xs_rate = Rate(judged.k, judged.n)
     entry.update(over_refusal_xstest=xs_rate.value, over_refusal_xstest_ci95=_ci(xs_rate), n_xstest=xs_rate.n)
     timings["over_refusal_s"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- image+text inputs (VLMs)
+    entry.update(_multimodal_measurements(loaded, config, harmful, attack_sets, run, refusal_judge, sources, timings))
 
     # ---------------------------------------------------------------- capability
     mc_rate = Rate(0, 0)
@@ -311,6 +318,51 @@ def evaluate_model(
     timings["total_s"] = time.perf_counter() - t_model
     entry["timings"] = {k: round(v, 2) for k, v in timings.items()}
     return entry
+
+
+def _multimodal_measurements(loaded, config: EvalConfig, harmful, masks: Mapping, run, refusal_judge, sources: dict,
+                             timings: dict) -> dict:
+    """ASR (plain and with the attack's ES/SAS/FULL sets pruned) and over-refusal on image+text prompts.
+
+    For a VLM only (every key is None for a text model): harmful = the ASR prompts
+    typeset as images with a benign request (FigStep-style; or ``multimodal_harmful``),
+    judged against the instruction the image holds; harmless = drawn scenes and charts
+    with questions (or ``multimodal_harmless``), judged for refusal.
+    """
+    from safeneuron.vlm import MultimodalPromptSet, is_vlm, load_multimodal_set, typographic_prompts
+
+    out: dict = {"asr_multimodal": None, "asr_multimodal_ci95": None, "n_harmful_multimodal": 0,
+                 "over_refusal_multimodal": None, "over_refusal_multimodal_ci95": None, "n_harmless_multimodal": 0}
+    if not is_vlm(loaded.model):
+        return out
+    t0 = time.perf_counter()
+    if config.multimodal_harmful != "":
+        if config.multimodal_harmful is None:  # the same harmful requests as the text ASR, as images
+            mm = MultimodalPromptSet(typographic_prompts(harmful), f"{harmful.source} (typographic)")
+            judge_prompts = harmful.prompts
+        else:
+            mm = load_multimodal_set(config.multimodal_harmful, default="harmful",
+                                     limit=config.capped(config.n_harmful), seed=config.seed)
+            judge_prompts = None
+        sources["harmful_multimodal"] = mm.source
+        asr, asr_ci = dict.fromkeys(_PROTOCOL), dict.fromkeys(_PROTOCOL)
+        for key in _PROTOCOL:
+            mask = None if key == "ori" else masks.get(key)
+            if key != "ori" and mask is None:
+                continue
+            judged = run(list(mm), mask=mask, judge_prompts=judge_prompts, cache="harmful_multimodal")
+            r = Rate(judged.k, judged.n)
+            asr[key], asr_ci[key] = r.value, _ci(r)
+        out.update(asr_multimodal=asr, asr_multimodal_ci95=asr_ci, n_harmful_multimodal=len(mm))
+    if config.multimodal_harmless != "":
+        mm = load_multimodal_set(config.multimodal_harmless or "builtin:harmless", default="harmless",
+                                 limit=config.capped(config.n_harmless), seed=config.seed)
+        sources["harmless_multimodal"] = mm.source
+        judged = run(list(mm), "refused", cache="harmless_multimodal", use_judge=refusal_judge)
+        r = Rate(judged.k, judged.n)
+        out.update(over_refusal_multimodal=r.value, over_refusal_multimodal_ci95=_ci(r), n_harmless_multimodal=r.n)
+    timings["multimodal_s"] = time.perf_counter() - t0
+    return out
 
 
 def evaluate_models(
@@ -410,6 +462,19 @@ def results_markdown(results: dict) -> str:
         pc = m["pruned_counts"]
         counts = " / ".join("n/a" if pc[k] is None else str(pc[k]) for k in ("es", "sas", "full"))
         lines.append(f"| {m['name']} | {m['judge']} | {mode} | {counts} |")
+
+    if any(m.get("asr_multimodal") or m.get("over_refusal_multimodal") is not None for m in models):
+        lines += ["", "Image+text inputs (vision-language models): ASR (%) on the harmful prompts typeset as images "
+                  "(FigStep-style), plain and with the same ES/SAS/FULL sets pruned; over-refusal (%) on drawn "
+                  "scenes and charts.", ""]
+        lines.append("| model | n | ASR ORI | ASR ES | ASR SAS | ASR FULL | over-refusal |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for m in models:
+            a, c = m.get("asr_multimodal") or {}, m.get("asr_multimodal_ci95") or {}
+            lines.append(f"| {m['name']} | {m.get('n_harmful_multimodal', 0)} | "
+                         + " | ".join(_pct(a.get(k), c.get(k)) for k in _PROTOCOL)
+                         + f" | {_pct(m.get('over_refusal_multimodal'), m.get('over_refusal_multimodal_ci95'))} "
+                           f"(n={m.get('n_harmless_multimodal', 0)}) |")
 
     if any(m.get("curve") for m in models):
         fracs = sorted({p[0] for m in models for p in (m.get("curve") or [])})

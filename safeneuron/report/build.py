@@ -349,6 +349,33 @@ def _section_comparison(art: RunArtifacts) -> Section | None:
     return Section("comparison", "Comparison", "\n".join(parts_html), md)
 
 
+def _section_multimodal(art: RunArtifacts) -> Section | None:
+    """ASR and over-refusal on image+text inputs (results.json's ``*_multimodal`` keys, VLMs only)."""
+    if art.results is None:
+        return None
+    models = read_json(art.results).get("models", [])
+    shown = [m for m in models if m.get("asr_multimodal") or m.get("over_refusal_multimodal") is not None]
+    if not shown:
+        return None
+    headers = ["model", "prompts (harmful / harmless)", "ASR original", "ASR, ES pruned", "ASR, SAS pruned",
+               "ASR, FULL pruned", "over-refusal", "ASR original, text prompts"]
+    rows = []
+    for m in shown:
+        asr, ci = m.get("asr_multimodal") or {}, m.get("asr_multimodal_ci95") or {}
+        rows.append([m.get("name", "?"),
+                     f"{_num(m.get('n_harmful_multimodal'))} / {_num(m.get('n_harmless_multimodal'))}",
+                     *((_pct(asr.get(k)), _ci(ci.get(k))) for k in ("ori", "es", "sas", "full")),
+                     (_pct(m.get("over_refusal_multimodal")), _ci(m.get("over_refusal_multimodal_ci95"))),
+                     _asr_cell(m, "ori")])
+    html_text = (
+        '<p class="explain">The same measurements with an image in the prompt (vision-language models). Harmful: '
+        "each harmful request typeset as an image of text, sent with a benign request to fill in the list it ends "
+        "with (a FigStep-style typographic attack); the pruned columns zero the same ES / SAS / FULL sets as the "
+        "text attack. Over-refusal: share of drawn scenes and charts with a harmless question that the model "
+        "refuses. Small grey brackets: 95% confidence intervals.</p>" + _html_table(headers, rows, text_cols=2))
+    return Section("multimodal", "Image+text inputs", html_text, _md_table(headers, rows))
+
+
 def _section_robustness(art: RunArtifacts) -> Section | None:
     if art.results is None:
         return None
@@ -555,6 +582,7 @@ def _section_files(art: RunArtifacts) -> Section:
 SECTIONS: tuple[tuple[str, Callable[[RunArtifacts], Section | None]], ...] = (
     ("settings", _section_settings),
     ("comparison", _section_comparison),
+    ("multimodal", _section_multimodal),
     ("robustness", _section_robustness),
     ("capability", _section_capability),
     ("neurons", _section_neurons),
@@ -582,6 +610,10 @@ def _headline(art: RunArtifacts) -> list[str]:
                     bits.append(f"mean ASR {_pct(area)} over the pruning curve")
                 if m.get("over_refusal") is not None:
                     bits.append(f"over-refusal {_pct(m['over_refusal'])}")
+                mm = m.get("asr_multimodal") or {}
+                if mm.get("ori") is not None:
+                    bits.append(f"ASR with typographic images {_pct(mm['ori'])}"
+                                + (f" ({_pct(mm['full'])} FULL pruned)" if mm.get("full") is not None else ""))
                 if m.get("mc_accuracy") is not None:
                     bits.append(f"MC accuracy {_pct(m['mc_accuracy'])}")
                 if bits:
