@@ -170,6 +170,8 @@ def _neuron_slices(name: str, layout: MLPLayout, d_ff: int, module: nn.Module) -
 
 
 def _d_ff(layout: MLPLayout, down: nn.Module) -> int:
+    if not layout.conv1d and getattr(down, "in_features", None):  # also a 4-bit Linear (packed weight)
+        return int(down.in_features)
     weight = down.weight
     return int(weight.shape[0] if layout.conv1d else weight.shape[1])
 

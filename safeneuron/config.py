@@ -194,6 +194,9 @@ class AlignConfig:
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; None = all linear layers except the output layer."""
+    load_in_4bit: bool = False
+    """QLoRA: train the LoRA adapters on a 4-bit NF4 copy of the model (bitsandbytes); each round's adapter
+    is merged into the full-precision weights, loaded on the CPU, so safety neurons stay bit-exact. Needs ``lora``."""
     general: str | None = None
     """General (UltraFeedback-style) preference pairs mixed with the safety pairs."""
     safety_ratio: float = 0.3
@@ -286,6 +289,8 @@ class AlignConfig:
             raise ConfigError(f"max_pairs must be >= 1, got {self.max_pairs}")
         if self.max_prompts is not None and self.max_prompts < 2:
             raise ConfigError(f"max_prompts must be >= 2 (variances need two prompts per class), got {self.max_prompts}")
+        if self.load_in_4bit and not self.lora:
+            raise ConfigError("load_in_4bit (QLoRA) trains adapters only: add --lora")
         if self.lora and (self.lora_r < 1 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r must be >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
         if self.save_steps < 1:

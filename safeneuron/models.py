@@ -148,6 +148,7 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer (a VLM and its processor: :func:`safeneuron.vlm.load_vlm`).
 
@@ -156,6 +157,8 @@ def load_model(
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto-map`` spreads a large
             model over the visible GPUs (``device_map="auto"``).
+        load_in_4bit: quantise the linear layers to 4-bit NF4 with bitsandbytes (QLoRA
+            training; ``dtype`` is then the compute dtype).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,6 +167,8 @@ def load_model(
     from safeneuron.vlm import LoadedVLM, is_vlm, load_processor, load_vlm
 
     if _is_local_vlm(path):  # image+text model: its processor comes along
+        if load_in_4bit:
+            raise ModelLoadError(f"{name}: 4-bit loading of vision-language models is not supported; use LoRA")
         return load_vlm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     map_all = device == "auto-map"
     target = pick_device("auto" if map_all else device)
@@ -171,6 +176,9 @@ def load_model(
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if map_all:
         kwargs["device_map"] = "auto"
+    if load_in_4bit:
+        kwargs["quantization_config"] = bnb_4bit_config(torch_dtype)
+        kwargs.setdefault("device_map", {"": str(target)})
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -181,7 +189,7 @@ def load_model(
         if "Unrecognized configuration class" in str(err) and _is_hub_vlm(path, trust_remote_code):
             return load_vlm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
-    if not map_all:
+    if not map_all and not load_in_4bit:
         lm.to(target)
     lm.eval()
     find_mlps(lm)  # unsupported layouts fail here, before any work
@@ -190,6 +198,20 @@ def load_model(
         processor = load_processor(name, path, trust_remote_code)
         return LoadedVLM(lm, getattr(processor, "tokenizer", tok), name, path, processor=processor)
     return LoadedModel(lm, tok, name, path)
+
+
+def bnb_4bit_config(compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation); a clear error
+    when bitsandbytes is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("load_in_4bit needs bitsandbytes, which is not installed: "
+                             "pip install 'safeneuron[qlora]' (or pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _hash_cache_file() -> Path:

@@ -262,8 +262,20 @@ def _last_checkpoint(trainer_dir: Path) -> str | None:
 def _load_round_model(path: Path, config: AlignConfig, name: str) -> LoadedModel:
     """A round's saved model under the base model's name (a VLM with its processor)."""
     loaded = load_model(str(path), dtype=config.dtype, device=process_device(config.device),
-                        trust_remote_code=config.trust_remote_code)
+                        trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit)
     return dataclasses.replace(loaded, name=name, path=str(path))
+
+
+def _merge_adapter_into(start: Path, adapter: Path, config: AlignConfig) -> nn.Module:
+    """QLoRA: the round's start weights in full precision (their saved dtype, on the CPU)
+    with the adapter merged in. Frozen neurons' LoRA entries are zero, so their merged
+    weights equal the start weights bit-exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(str(start), dtype="auto", device_map="cpu",
+                                                trust_remote_code=config.trust_remote_code)
+    return PeftModel.from_pretrained(full, str(adapter)).merge_and_unload().eval()
 
 
 def _with_images_resolved(pairs: PreferenceSet, base: Path) -> PreferenceSet:
@@ -446,7 +458,9 @@ def align(
         datasets.disable_progress_bars()
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=process_device(config.device),
-                            trust_remote_code=config.trust_remote_code)
+                            trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit)
+    elif config.load_in_4bit and not getattr(loaded.model, "is_loaded_in_4bit", False):
+        loaded = _load_round_model(Path(loaded.path), config, loaded.name)  # QLoRA trains on a 4-bit copy
     base_name, base_path = loaded.name, loaded.path
     pairs = _preferences(config, prefs, loaded, out, progress)
     with_images = pairs_have_images(pairs.pairs)
@@ -498,6 +512,7 @@ def align(
         barrier()
         t_round = time.perf_counter()
         model = loaded.model
+        start_path = Path(loaded.path)
         # 1. the frozen set
         if config.mode == "dpo":
             frozen, ident_info = None, None
@@ -561,6 +576,17 @@ def align(
             loaded = None
             gc.collect()
             model = _load_round_model(rdir / "model", config, base_name).model
+        elif config.load_in_4bit:  # merge the adapter into the full-precision weights, then go on in 4-bit
+            if main:
+                trainer.model.save_pretrained(str(rdir / "adapter"))
+                merged = _merge_adapter_into(start_path, rdir / "adapter", config)
+                _save_model_dir(merged, saved_with, rdir / "model")
+                del merged
+            del trainer, ref, model
+            loaded = None
+            gc.collect()
+            barrier()
+            model = _load_round_model(rdir / "model", config, base_name).model
         else:
             model = trainer.model
             if config.lora:
@@ -579,6 +605,7 @@ def align(
             "run_key": run_key,
             "mode": config.mode,
             "lora": config.lora,
+            "load_in_4bit": config.load_in_4bit,
             "ablate": config.mode == "safeneuron" and not config.freeze_only,
             "n_pairs": len(pairs),
             "neurons_frozen": record.count() if config.mode == "safeneuron" else 0,
