@@ -526,8 +526,12 @@ class EvalConfig:
     """Score ranking the neurons in the sweep (``es``, ``t``, ``sas``, ``shift``; ``probe_up`` for NeuroStrike)."""
     n_sweep_prompts: int = 16
     """Harmful prompts per sweep point (the first ones of the ASR sample)."""
-    mc_file: str | None = None
-    """MMLU/ARC-format CSV (question,A,B,C,D,answer) for multiple-choice accuracy; None = skipped."""
+    mc_file: str | None = "builtin:general_mc"
+    """Multiple-choice questions for capability: ``builtin:general_mc`` (120 easy-to-moderate general-knowledge
+    questions written for this project: science, arithmetic and units, geography, vocabulary, Python, history,
+    logic; a retention check, not a published benchmark), or an MMLU/ARC-format CSV or JSON/JSONL file
+    (question,A,B,C,D,answer) by path, e.g. MMLU or ARC for numbers comparable with published ones; None or
+    empty = skipped."""
     n_mc: int = 60
     """Multiple-choice questions (seeded sample)."""
     mc_scoring: str = "letter"

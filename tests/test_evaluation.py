@@ -373,15 +373,15 @@ def test_evaluate_model_skips_and_resumes(tmp_path):
 
     loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny-llama", "tiny-llama")
     config = _tiny_config(attack=False, templates=[], n_redteam=0, n_ppl=0, xstest="",
-                          mc_file=str(SHARED_DATA / "mmlu" / "mmlu_test_subset_570.csv") if SHARED_DATA.exists() else None,
+                          mc_file=str(SHARED_DATA / "mmlu" / "mmlu_test_subset_570.csv") if SHARED_DATA.exists()
+                          else "builtin:general_mc",
                           n_mc=5)
     entry = evaluate_model(loaded, config, tmp_path / "eval", progress=False)
     _check_contract(entry)
     assert entry["asr"]["es"] is None and entry["asr"]["full"] is None and entry["curve"] is None
     assert entry["asr_templates"] is None and entry["redteam_compliance"] is None and entry["perplexity"] is None
     assert entry["over_refusal_xstest"] is None
-    if SHARED_DATA.exists():
-        assert entry["n_mc"] == 5 and 0 <= entry["mc_accuracy"] <= 1
+    assert entry["n_mc"] == 5 and 0 <= entry["mc_accuracy"] <= 1
     calls = []
     original = loaded.model.generate
     loaded.model.generate = lambda *a, **k: calls.append(1) or original(*a, **k)

@@ -1,7 +1,9 @@
 """Capability: multiple-choice accuracy by log-likelihood, perplexity, lm-eval bridge.
 
 * :func:`mc_accuracy` reads MMLU/ARC-format CSV files (columns ``question,A,B,C,D,
-  answer``; ``answer`` a letter or a 0-based index) and picks the option with the
+  answer``; ``answer`` a letter or a 0-based index), JSON/JSONL records with the same
+  fields, or a built-in set (``builtin:general_mc``: 120 general-knowledge questions
+  written for this project, not a public benchmark) and picks the option with the
   highest log-likelihood, zero-shot on plain text (no chat template), as
   lm-evaluation-harness does: ``letter`` scores the continuations `` A`` .. `` D`` after
   ``Answer:``; ``option`` scores each option's text (ARC style).
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import random
@@ -42,9 +45,12 @@ __all__ = [
     "perplexity",
     "run_lm_eval",
     "LM_EVAL_FEWSHOT",
+    "BUILTIN_MC",
 ]
 
 LETTERS = ("A", "B", "C", "D")
+#: Built-in multiple-choice sets (``builtin:<name>``; ``data/builtin/<name>.jsonl``).
+BUILTIN_MC = ("general_mc",)
 
 
 class MCFileError(SafeneuronError):
@@ -63,15 +69,44 @@ class MCQuestion:
     subject: str | None = None
 
 
+def _read_mc_rows(path: Path) -> list[dict]:
+    """Records of a CSV, or of a JSONL (one object a line) / JSON (a list of objects) file."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        try:
+            return list(csv.DictReader(text.splitlines()))
+        except csv.Error as err:
+            raise MCFileError(f"{path}: not a readable CSV ({err})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise MCFileError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise MCFileError(f"{path}: expected JSON objects with question, A, B, C, D, answer")
+    return [{k: "" if v is None else str(v) for k, v in r.items()} for r in records]
+
+
 def load_mc(path: str | Path, n: int | None = None, seed: int = 0) -> list[MCQuestion]:
-    """Questions of an MMLU/ARC-format CSV; a seeded sample of at most ``n`` (file order kept)."""
+    """Questions of an MMLU/ARC-format CSV, a JSON/JSONL file with the same fields, or
+    ``builtin:<name>`` (:data:`BUILTIN_MC`); a seeded sample of at most ``n`` (file order
+    kept). A ``subject`` or ``category`` field becomes :attr:`MCQuestion.subject`."""
+    if str(path).startswith("builtin:"):
+        from safeneuron.data.prompts import builtin_path
+
+        name = str(path).split(":", 1)[1]
+        if name not in BUILTIN_MC:
+            raise MCFileError(f"unknown built-in multiple-choice set {name!r}; choose one of {', '.join(BUILTIN_MC)}")
+        path = builtin_path(f"{name}.jsonl")
     path = Path(path)
     if not path.is_file():
         raise MCFileError(f"{path}: multiple-choice file not found")
     try:
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except (csv.Error, UnicodeDecodeError) as err:
-        raise MCFileError(f"{path}: not a readable CSV ({err})") from None
+        rows = _read_mc_rows(path)
+    except UnicodeDecodeError as err:
+        raise MCFileError(f"{path}: not readable UTF-8 text ({err})") from None
     if not rows:
         raise MCFileError(f"{path}: no questions")
     columns = {c.strip().lower(): c for c in rows[0]}
@@ -80,7 +115,8 @@ def load_mc(path: str | Path, n: int | None = None, seed: int = 0) -> list[MCQue
         raise MCFileError(f"{path}: missing column(s) {', '.join(missing)}; expected question,A,B,C,D,answer")
     option_cols = [columns[c.lower()] for c in LETTERS + ("E",) if c.lower() in columns]
     out = []
-    for line, r in enumerate(rows, 2):
+    first_line = 1 if path.suffix.lower() in (".jsonl", ".json") else 2  # a CSV has its header first
+    for line, r in enumerate(rows, first_line):
         options = tuple(str(r[c]).strip() for c in option_cols if r.get(c) not in (None, ""))
         raw = str(r[columns["answer"]]).strip().upper()
         if raw.isdigit():
@@ -91,7 +127,8 @@ def load_mc(path: str | Path, n: int | None = None, seed: int = 0) -> list[MCQue
             raise MCFileError(f"{path}:{line}: answer {raw!r} is neither a letter A-E nor a 0-based index")
         if not 0 <= answer < len(options):
             raise MCFileError(f"{path}:{line}: answer {raw!r} points past the {len(options)} options")
-        subject = r.get(columns["subject"]) if "subject" in columns else None
+        subject_col = columns.get("subject", columns.get("category"))
+        subject = r.get(subject_col) if subject_col else None
         out.append(MCQuestion(str(r[columns["question"]]).strip(), options, answer, subject))
     if n is not None and n < len(out):
         idx = sorted(random.Random(seed).sample(range(len(out)), n))
