@@ -39,26 +39,40 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 STAGES = ("identify", "prefs", "align", "evaluate", "analyze", "report")
 
 #: The main job's budget for this 2-core CPU and the embedded 0.5B model (the values
-#: of configs/default.toml; dataclass defaults elsewhere).
+#: of configs/default.toml; dataclass defaults elsewhere): LoRA (about 2.6x faster per step
+#: than full fine-tuning on this CPU, same freezing guarantees), two rounds for both modes
+#: (same pairs, same schedule), and evaluation sizes whose 95 % intervals can separate a
+#: 30-point difference in ASR.
 MAIN_JOB: dict[str, dict[str, Any]] = {
     "identify": {"max_prompts": 128, "by_category": True},
-    "prefs": {},
-    "align": {},
-    "evaluate": {},
-    "analyze": {},
+    "prefs": {"n_harmful": 48, "n_harmless": 16, "max_new_tokens": 56, "batch_size": 24},
+    "align": {"rounds": 2, "lora": True, "learning_rate": 1e-4, "num_train_epochs": 1.0, "max_pairs": 32,
+              "max_prompts": 64, "max_length": 192, "per_device_train_batch_size": 2,
+              "gradient_accumulation_steps": 2},
+    "evaluate": {
+        "n_harmful": 48, "n_harmless": 24, "n_xstest": 24,
+        "templates": ["prefix_injection", "refusal_suppression", "role_play"], "n_template_prompts": 16,
+        "sweep": [0.0, 0.005, 0.01, 0.02, 0.05], "n_sweep_prompts": 16, "n_mc": 60, "mc_scoring": "option",
+        "n_ppl": 16, "n_redteam": 8, "redteam_max_new_tokens": 64, "identify_prompts": 48, "max_new_tokens": 32,
+    },
+    "analyze": {"max_prompts": 48, "n_splits": 2, "n_orders": 100},
 }
 
-#: What ``--quick`` sets on top of the config file (fewer prompts, pairs and steps; same model).
+#: What ``--quick`` sets on top of the config file: fewer prompts, pairs and steps and LoRA
+#: (same model), sized so the whole job takes <= 8 minutes on a 2-core CPU. Its numbers are
+#: a first look (wide intervals), labelled as quick in the report.
 QUICK: dict[str, dict[str, Any]] = {
-    "identify": {"max_prompts": 64},
-    "prefs": {"quick": True, "n_harmful": 16, "n_harmless": 8, "max_new_tokens": 64, "identify_max_prompts": 64},
-    "align": {"quick": True, "rounds": 1, "num_train_epochs": 1.0, "max_pairs": 32, "max_prompts": 64},
+    "identify": {"max_prompts": 48},
+    "prefs": {"quick": True, "n_harmful": 12, "n_harmless": 6, "max_new_tokens": 40, "batch_size": 24},
+    "align": {"quick": True, "rounds": 1, "num_train_epochs": 1.0, "max_pairs": 12, "max_prompts": 48,
+              "lora": True, "learning_rate": 1e-4, "max_length": 128, "per_device_train_batch_size": 2,
+              "gradient_accumulation_steps": 2},
     "evaluate": {
-        "n_harmful": 32, "n_harmless": 16, "n_xstest": 16, "templates": ["prefix_injection", "role_play"],
-        "n_template_prompts": 8, "sweep": [0.0, 0.01, 0.05], "n_sweep_prompts": 16, "n_mc": 40, "n_ppl": 16,
-        "n_redteam": 8, "identify_prompts": 48, "max_new_tokens": 32,
+        "n_harmful": 20, "n_harmless": 8, "n_xstest": 8, "templates": ["prefix_injection"],
+        "n_template_prompts": 8, "sweep": [0.0, 0.05], "n_sweep_prompts": 8, "n_mc": 24, "n_ppl": 8,
+        "n_redteam": 0, "identify_prompts": 16, "max_new_tokens": 16,
     },
-    "analyze": {"max_prompts": 48, "n_splits": 1, "n_orders": 50},
+    "analyze": {"max_prompts": 24, "n_splits": 1, "n_orders": 50},
 }
 
 

@@ -3,11 +3,17 @@ character-level tokenizer with a chat template, and paths to ../shared data."""
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
-import pytest
-import torch
+# Tests never touch the network: the Hugging Face libraries fail at once instead of
+# retrying for a minute (set before they are imported; subprocesses inherit it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

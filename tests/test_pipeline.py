@@ -164,9 +164,7 @@ def test_kill_during_alignment_then_resume(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SAFENEURON_E2E") != "1",
-                    reason="the quick main job on the embedded model takes longer than the CI budget on this "
-                           "2-core CPU; set SAFENEURON_E2E=1 to run it")
+@pytest.mark.ci
 def test_quick_main_job_on_the_embedded_model(tmp_path):
     out = tmp_path / "main"
     t0 = time.time()

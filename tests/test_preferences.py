@@ -199,6 +199,7 @@ def test_synthesis_on_a_tiny_model_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_synthesis_on_smollm2_schema_and_judge(tmp_path):
     from safeneuron.embedded import is_pulled
     from safeneuron.models import load_model

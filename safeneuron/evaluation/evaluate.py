@@ -193,7 +193,7 @@ def evaluate_model(
             if m is None:
                 continue
             m.check(loaded.model)
-            judged = run(harmful.prompts, mask=m)
+            judged = run(harmful.prompts, mask=m) if m.count() else ori  # an empty set prunes nothing
             r = Rate(judged.k, judged.n)
             asr[key], asr_ci[key], asr_k[key] = r.value, _ci(r), r.k
             pruned_counts[key] = m.count()
