@@ -426,7 +426,7 @@ def test_evaluate_command(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- the embedded model (slow)
-@pytest.mark.slow
+@pytest.mark.slow  # the same check on the quick main job's attacker runs in CI (test_pipeline)
 def test_pruning_the_safety_set_jailbreaks_the_embedded_model(tmp_path):
     """The embedded Qwen refuses a good share of held-out built-in harmful prompts;
     pruning its FULL safety set (identified on 64 + 64 other prompts) raises the ASR
