@@ -489,8 +489,13 @@ def collect_features(
     batch_size: int = 16,
     max_length: int = 512,
     progress: bool = True,
+    processor=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pooled residual stream and MLP neuron activations of every layer, in one forward pass.
+
+    With ``processor`` (a VLM's), ``prompts`` are image+text
+    :class:`~safeneuron.vlm.MultimodalPrompt` s batched by it (image tokens included in
+    the pooling, nothing truncated); ``tokenizer`` is then unused.
 
     Returns:
         ``residual`` [n_layers, n_prompts, d_model]: the hidden state after each decoder
@@ -518,7 +523,12 @@ def collect_features(
     model.eval()
     try:
         with neuron_hooks(model, record, sites), torch.no_grad():
-            batches = iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model))
+            if processor is not None:
+                from safeneuron.vlm import multimodal_batches
+
+                batches = multimodal_batches(processor, prompts, batch_size, model)
+            else:
+                batches = iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model))
             for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
                 state["mask"] = batch.inputs["attention_mask"]
                 state["idx"] = torch.tensor(batch.indices)
@@ -748,7 +758,8 @@ def analyze(
 
 def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primary_manifest: dict | None,
                   loaded, compare, progress: bool) -> dict:
-    from safeneuron.models import LoadedModel, resolve_model, weights_hash
+    from safeneuron.models import LoadedModel, is_vlm_checkpoint, resolve_model, weights_hash
+    from safeneuron.vlm import is_vlm, processor_of, typographic_prompts
 
     position = config.position or (primary_manifest or {}).get("position") or "max"
     mask = SafetyNeuronMask.load(primary / "safety_neurons.safetensors", set=config.set) if primary else None
@@ -781,6 +792,7 @@ def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primar
         "n_splits": config.n_splits,
         "l2": config.l2,
         "seed": config.seed,
+        "inputs": "text",
         "models": [],
     }
     for name, spec in models.items():
@@ -788,10 +800,14 @@ def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primar
         lm = spec if isinstance(spec, LoadedModel) else None
         model_path = lm.path if lm is not None else resolve_model(None if spec is None else str(spec))[1]
         whash = weights_hash(model_path)
-        key = sha256_text(settings_key, str(whash))[:16] if whash else None
+        # a VLM is probed on the prompts typeset as images (as its identification saw them)
+        multimodal = is_vlm(lm.model) if lm is not None else is_vlm_checkpoint(model_path)
+        key = sha256_text(settings_key, str(whash), "image+text" if multimodal else "")[:16] if whash else None
         if key and previous.get(name, {}).get("key") == key:
             logger.info("separability of %s already computed; reusing it", name)
             result["models"].append(previous[name])
+            if previous[name].get("inputs") == "image+text":
+                result["inputs"] = "image+text"
             continue
         owned = lm is None
         if owned:
@@ -800,10 +816,17 @@ def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primar
         if mask is not None:
             mask.check(sites)
         random_mask = SafetyNeuronMask.random(sites, like=mask, seed=config.seed) if mask is not None else None
-        residual, neurons = collect_features(lm.model, lm.tokenizer, prompts, position=position,
-                                             batch_size=config.batch_size, max_length=config.max_length,
-                                             progress=progress)
-        entry = {"name": name, "model": lm.name, "path": lm.path, "key": key, "n_layers": len(sites)}
+        vlm = is_vlm(lm.model)
+        if vlm:
+            logger.info("%s is a vision-language model: probing on the prompts typeset as images", name)
+            result["inputs"] = "image+text"
+        residual, neurons = collect_features(lm.model, lm.tokenizer,
+                                             typographic_prompts(harmful) + typographic_prompts(harmless) if vlm
+                                             else prompts, position=position, batch_size=config.batch_size,
+                                             max_length=config.max_length, progress=progress,
+                                             processor=processor_of(lm) if vlm else None)
+        entry = {"name": name, "model": lm.name, "path": lm.path, "key": key, "n_layers": len(sites),
+                 "inputs": "image+text" if vlm else "text"}
         entry.update(layer_separability(residual, neurons, labels, mask=mask, random_mask=random_mask,
                                         test_frac=config.test_frac, seed=config.seed, n_splits=config.n_splits,
                                         l2=config.l2, max_iter=config.probe_max_iter))

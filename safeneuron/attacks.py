@@ -142,7 +142,7 @@ def save_pruned_model(loaded, mask: SafetyNeuronMask, path: str | Path, *, overw
     try:
         prune_weights(model, mask)
         model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
+        (getattr(loaded, "processor", None) or loaded.tokenizer).save_pretrained(tmp)  # a VLM keeps its processor
         mask.save(tmp / "pruned_neurons.safetensors")
         write_json(tmp / "safeneuron_pruned.json", {
             "source_model": loaded.name, "source_path": loaded.path, "pruned": mask.count(),
@@ -280,14 +280,19 @@ def run_attack(config: AttackConfig | None = None, out: str | Path = "attack", *
     """The pruning attack on one model: ASR before and after pruning, and after
     pruning as many random neurons per layer (the control). Writes ``out/attack.json``
     (and the pruned model when ``config.save``); returns the same dict.
+
+    On a vision-language model the same conditions are also measured with image+text
+    inputs (the harmful prompts typeset as images, or ``config.multimodal_harmful``):
+    ``results_multimodal`` and ``harmful_multimodal`` (None for a text model).
     """
     from safeneuron.artifacts import write_json
     from safeneuron.evaluation.judges import load_judge
     from safeneuron.evaluation.measure import GenerationSettings, judged_responses, model_tag
     from safeneuron.evaluation.metrics import Rate
-    from safeneuron.evaluation.sets import load_eval_prompts
+    from safeneuron.evaluation.sets import load_eval_prompts, load_multimodal_harmful
     from safeneuron.identify import versions
     from safeneuron.models import load_model
+    from safeneuron.vlm import is_vlm
 
     config = config or AttackConfig()
     config.validate()
@@ -345,18 +350,34 @@ def run_attack(config: AttackConfig | None = None, out: str | Path = "attack", *
     cache = out / "generations" / "harmful.jsonl"
     tag = model_tag(loaded)
 
-    def measure(m: SafetyNeuronMask | None) -> dict:
-        judged = judged_responses(loaded, prompts.prompts, judge, mask=m, settings=settings, cache=cache, tag=tag,
-                                  progress=progress)
-        r = Rate(judged.k, judged.n)
-        return {"asr": r.value, "ci95": list(r.ci95) if r.ci95 else None, "k": r.k, "n": r.n,
-                "pruned": m.count() if m is not None else 0}
+    def measure_on(batch, judge_prompts, cache_file):
+        def measure(m: SafetyNeuronMask | None) -> dict:
+            judged = judged_responses(loaded, batch, judge, mask=m, judge_prompts=judge_prompts, settings=settings,
+                                      cache=cache_file, tag=tag, progress=progress)
+            r = Rate(judged.k, judged.n)
+            return {"asr": r.value, "ci95": list(r.ci95) if r.ci95 else None, "k": r.k, "n": r.n,
+                    "pruned": m.count() if m is not None else 0}
 
-    results = {"ori": measure(None), "pruned": measure(mask)}
-    if rounds and len(rounds) > 1:
-        results["rounds"] = [dict(measure(m), round=i + 1) for i, m in enumerate(rounds)]
-    if config.random_control and mask.count() and config.random_frac is None:
-        results["random_control"] = measure(SafetyNeuronMask.random(sites, like=mask, seed=config.seed))
+        return measure
+
+    def conditions(measure) -> dict:
+        """ASR plain, pruned, after each round, and with as many random neurons pruned."""
+        res = {"ori": measure(None), "pruned": measure(mask)}
+        if rounds and len(rounds) > 1:
+            res["rounds"] = [dict(measure(m), round=i + 1) for i, m in enumerate(rounds)]
+        if config.random_control and mask.count() and config.random_frac is None:
+            res["random_control"] = measure(SafetyNeuronMask.random(sites, like=mask, seed=config.seed))
+        return res
+
+    results = conditions(measure_on(prompts.prompts, None, cache))
+    # A VLM is also attacked with image+text inputs: the same conditions on the harmful prompts
+    # typeset as images (or multimodal_harmful), as evaluate's asr_multimodal.
+    results_mm, harmful_mm = None, None
+    if is_vlm(loaded.model) and config.multimodal_harmful != "":
+        mm, judge_prompts = load_multimodal_harmful(prompts, config.multimodal_harmful, n=config.limit,
+                                                    seed=config.seed)
+        harmful_mm = {"source": mm.source, "n": len(mm), "sha256": mm.sha256}
+        results_mm = conditions(measure_on(list(mm), judge_prompts, out / "generations" / "harmful_multimodal.jsonl"))
 
     saved = None
     if config.save:
@@ -372,6 +393,8 @@ def run_attack(config: AttackConfig | None = None, out: str | Path = "attack", *
         "pruned_count": mask.count(),
         "pruned_per_layer": mask.per_layer(),
         "results": results,
+        "harmful_multimodal": harmful_mm,
+        "results_multimodal": results_mm,
         "saved_model": saved,
         "settings": {k: getattr(config, k) for k in config.__dataclass_fields__},
         "wall_time_s": time.perf_counter() - t_start,
@@ -391,16 +414,21 @@ def attack_summary(report: dict) -> str:
         f"{report['pruned_count']} of {report['n_neurons']} neurons pruned "
         f"({report['pruned_count'] / report['n_neurons']:.3%})",
         "",
-        f"{'condition':<24}{'pruned':>8}{'ASR':>8}{'95% CI':>16}",
+        f"{'condition':<34}{'pruned':>8}{'ASR':>8}{'95% CI':>16}",
     ]
-    res = report["results"]
-    rows = [("original", res["ori"]), ("pruned", res["pruned"])]
-    rows += [(f"round {r['round']}", r) for r in res.get("rounds", [])]
-    if "random_control" in res:
-        rows.append(("random (same count)", res["random_control"]))
-    for name, r in rows:
-        ci = f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r["ci95"] else "n/a"
-        lines.append(f"{name:<24}{r['pruned']:>8}{r['asr']:>8.2%}{ci:>16}")
+    for suffix, res in (("", report["results"]), (" (image+text)", report.get("results_multimodal"))):
+        if not res:
+            continue
+        rows = [("original", res["ori"]), ("pruned", res["pruned"])]
+        rows += [(f"round {r['round']}", r) for r in res.get("rounds", [])]
+        if "random_control" in res:
+            rows.append(("random (same count)", res["random_control"]))
+        for name, r in rows:
+            ci = f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r["ci95"] else "n/a"
+            lines.append(f"{name + suffix:<34}{r['pruned']:>8}{r['asr']:>8.2%}{ci:>16}")
+    if report.get("harmful_multimodal"):
+        mm = report["harmful_multimodal"]
+        lines.append(f"(image+text: {mm['n']} prompts from {mm['source']})")
     return "\n".join(lines)
 
 

@@ -431,6 +431,10 @@ class AttackConfig:
     ``hf:<name>`` or built-in (default); prompts used for identification are left out."""
     limit: int | None = 32
     """Measure ASR on at most this many harmful prompts (seeded sample)."""
+    multimodal_harmful: str | None = None
+    """Vision-language models only: image+text harmful prompts for the ASR with images (a JSONL of image path + text,
+    a ``builtin:`` multimodal set or a text set, typeset); None = the ASR prompts typeset as images (FigStep-style);
+    empty string to skip."""
     random_control: bool = True
     """Also prune as many random neurons per layer as the attack set (the control)."""
     judge: str = "refusal"

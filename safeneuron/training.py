@@ -423,6 +423,25 @@ def _identify_round(config: AlignConfig, loaded: LoadedModel, rdir: Path, r: int
                                             "selected_total": m.get("selected_total")}
 
 
+def _check_image_prompt_length(processor, pairs, max_length: int | None) -> None:
+    """A clear error, before any training, when the first image pair's prompt (image tokens included) does not fit
+    in ``max_length``: TRL would drop such pairs or cut their answers or image tokens (and a VLM fails when image
+    tokens and image features differ). Real VLMs spend hundreds of tokens on one image."""
+    from safeneuron.config import ConfigError
+    from safeneuron.data.preferences import _as_text
+    from safeneuron.vlm import MultimodalPrompt, multimodal_batches
+
+    first = next((p for p in pairs if p.get("image") not in (None, "")), None)
+    if max_length is None or first is None:
+        return
+    prompt = first["prompt"] if isinstance(first["prompt"], str) else _as_text(first["prompt"])  # messages: joined
+    batch = next(multimodal_batches(processor, [MultimodalPrompt(prompt, first["image"])], 1))
+    n = int(batch.inputs["input_ids"].shape[1])
+    if n >= max_length:
+        raise ConfigError(f"max_length={max_length} cuts an image pair's prompt ({n} tokens with the image's); "
+                          f"set [align] max_length above {n} plus the answer's tokens")
+
+
 def align(
     config: AlignConfig | None = None,
     prefs: str | Path | PreferenceSet | list[dict] | None = None,
@@ -467,6 +486,8 @@ def align(
     if with_images and not is_vlm(loaded.model):
         raise PreferenceDataError(f"{pairs.source}: pairs carry images but {base_name} "
                                   f"({loaded.model_type}) is a text model; align a vision-language model")
+    if with_images:
+        _check_image_prompt_length(processor_of(loaded), pairs.pairs, config.max_length)
     whash = weights_hash(base_path) if Path(base_path).is_dir() and str(base_path) else None
     run_key = _run_key(config, pairs, whash, loaded)
     out.mkdir(parents=True, exist_ok=True)
@@ -478,8 +499,8 @@ def align(
     if done:
         logger.info("%s: rounds 1-%d of %d already complete", out, done, config.rounds)
         tokenizer = loaded.tokenizer
-        loaded = None  # free the starting weights before loading the round's
         processor = getattr(loaded, "processor", None)
+        loaded = None  # free the starting weights before loading the round's
         loaded = _load_round_model(out / f"round_{done}" / "model", config, base_name)
         loaded.tokenizer = tokenizer
         if processor is not None:

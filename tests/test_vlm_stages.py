@@ -193,6 +193,17 @@ def test_align_on_image_pairs_keeps_the_frozen_neurons_bit_exact(tmp_path):
         align(config, str(prefs), tmp_path / "align", loaded=loaded_vlm("llava"), progress=False)
 
 
+def test_max_length_that_cuts_the_image_tokens_is_a_clear_error(tmp_path):
+    from safeneuron.config import AlignConfig, ConfigError
+    from safeneuron.training import align
+
+    prefs = image_pairs(tmp_path / "data", n=2)
+    config = AlignConfig(mode="dpo", rounds=1, max_steps=1, max_length=16, device="cpu")
+    with pytest.raises(ConfigError, match=r"max_length=16 cuts an image pair's prompt \(\d+ tokens") as err:
+        align(config, str(prefs), tmp_path / "align", loaded=loaded_vlm("llava"), progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "align" / "round_1").exists()
+
+
 def test_image_pairs_errors(tmp_path):
     from conftest import make_tokenizer, tiny_model
     from safeneuron.config import AlignConfig
@@ -269,3 +280,124 @@ def test_report_shows_the_multimodal_rates(tmp_path):
     (tmp_path / "text" / "evaluate").mkdir(parents=True)
     (tmp_path / "text" / "evaluate" / "results.json").write_text(json.dumps({"models": [entry]}))
     assert 'id="multimodal"' not in build_report(tmp_path / "text").read_text()
+
+
+# --------------------------------------------------------------------------- attack and the main job
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    """A tiny random LLaVA saved with its processor (the family whose processor reopens here)."""
+    d = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = tiny_vlm("llava")
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+def test_attack_cli_on_a_vlm_measures_the_asr_with_images(tmp_path, llava_dir, capsys):
+    """`safeneuron attack --model <vlm>`: the adaptive attacker identifies on image+text prompts, and the ASR is
+    measured with text and with the same harmful prompts typeset as images, plain, pruned and with random neurons
+    pruned; answers of the image+text runs come from image+text generation."""
+    from safeneuron.cli import main
+
+    out = tmp_path / "attack"
+    code = main(["attack", "--model", str(llava_dir), "--out", str(out), "--identify-prompts", "4", "--limit", "3",
+                 "--max-new-tokens", "3", "--batch-size", "4", "--set", "union", "--save", str(tmp_path / "pruned"),
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "pruned (image+text)" in printed
+    report = json.loads((out / "attack.json").read_text())
+    assert report["pruned_count"] > 0
+    mm, text = report["results_multimodal"], report["results"]
+    assert set(mm) == set(text) == {"ori", "pruned", "random_control"}
+    for key, r in mm.items():
+        assert r["n"] == 3 and 0.0 <= r["asr"] <= 1.0 and r["ci95"][0] <= r["asr"] <= r["ci95"][1]
+        assert r["pruned"] == text[key]["pruned"]
+    assert report["harmful_multimodal"]["n"] == 3
+    assert report["harmful_multimodal"]["source"] == f"{report['harmful']['source']} (typographic)"
+    rows = [json.loads(line) for line in (out / "generations" / "harmful_multimodal.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and all(len(r["image_sha256"]) == 64 for r in rows)
+    assert sum("|prune:" in r["tag"] for r in rows) == 6, "pruned and random control answers under their own tags"
+    # the identification was on image+text prompts, and the pruned model is saved with its processor
+    assert json.loads((out / "identify" / "identify.json").read_text())["inputs"] == "image+text"
+    from safeneuron.models import load_model
+
+    assert isinstance(load_model(str(tmp_path / "pruned"), dtype="float32", device="cpu"), LoadedVLM)
+    # "" skips the image+text measurement
+    assert main(["attack", "--model", str(llava_dir), "--out", str(tmp_path / "a2"), "--identify-prompts", "4",
+                 "--limit", "2", "--max-new-tokens", "2", "--multimodal-harmful", "", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "a2" / "attack.json").read_text())["results_multimodal"] is None
+
+
+#: test_pipeline.TINY_RUN's sizes; align's max_length fits the typeset prompts with their image tokens (~150 tokens
+#: with the test tokenizer) and the answers.
+TINY_VLM_RUN = """
+model = "{model}"
+quick = true
+modes = ["safeneuron", "dpo"]
+[identify]
+max_prompts = 16
+batch_size = 8
+tau_es = 0.5
+[prefs]
+n_harmful = 6
+n_harmless = 4
+max_new_tokens = 8
+[align]
+max_pairs = 8
+max_steps = 2
+per_device_train_batch_size = 2
+gradient_accumulation_steps = 1
+max_length = 320
+save_steps = 1
+tau_es = 0.5
+[evaluate]
+n_harmful = 6
+n_harmless = 4
+n_xstest = 4
+n_template_prompts = 3
+n_sweep_prompts = 4
+n_redteam = 2
+identify_prompts = 12
+max_new_tokens = 6
+n_ppl = 4
+[analyze]
+max_prompts = 12
+n_orders = 10
+"""
+
+
+def test_main_job_on_a_tiny_vlm_by_config(tmp_path, llava_dir, monkeypatch):
+    """`safeneuron run --config` with a VLM as the model: every stage runs on it and writes its artifacts."""
+    from safeneuron import pipeline
+    from safeneuron.cli import main
+
+    for stage in ("evaluate", "identify", "analyze"):
+        monkeypatch.setitem(pipeline.QUICK, stage, {})  # the tiny config sets its own sizes
+    monkeypatch.setitem(pipeline.QUICK, "prefs", {"quick": True})
+    monkeypatch.setitem(pipeline.QUICK, "align", {"quick": True})
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TINY_VLM_RUN.format(model=llava_dir))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    for path in ("identify/identify.json", "prefs.jsonl", "align/safeneuron/align.json", "align/dpo/align.json",
+                 "align/safeneuron/model/config.json", "align/dpo/model/config.json", "evaluate/results.json",
+                 "analysis/analysis.json", "report.html", "summary.md", "run.json"):
+        assert (out / path).exists(), path
+    assert json.loads((out / "identify" / "identify.json").read_text())["inputs"] == "image+text"
+    pairs = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
+    harmful_pairs = [p for p in pairs if p["kind"] == "harmful"]
+    assert harmful_pairs and all((out / p["image"]).is_file() for p in harmful_pairs), "image pairs, relative paths"
+    assert all(p.get("image") and p["instruction"] for p in pairs), "harmless pairs typeset too (matched control)"
+    for mode in ("safeneuron", "dpo"):  # trained on image pairs (max_pairs = 8)
+        prefs = json.loads((out / "align" / mode / "align.json").read_text())["prefs"]
+        assert prefs["n_with_image"] == prefs["n_pairs"] == min(8, len(pairs))
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["base", "safeneuron", "dpo"]
+    for m in results["models"]:
+        assert m["model_type"] == "llava"
+        assert 0.0 <= m["asr_multimodal"]["ori"] <= 1.0 and 0.0 <= m["over_refusal_multimodal"] <= 1.0
+        assert m["n_harmful_multimodal"] == m["n_harmful"] == 6
+    separability = json.loads((out / "analysis" / "separability.json").read_text())
+    assert separability["inputs"] == "image+text"
+    assert [m["name"] for m in separability["models"]] == ["base", "safeneuron", "dpo"]
+    assert 'id="multimodal"' in (out / "report.html").read_text()

@@ -430,6 +430,11 @@ def synthesize_preferences(
     Every pair records its provenance: ``kind`` (harmful/harmless), ``category``,
     ``chosen_source`` (``model`` or ``template``), ``rejected_source`` (``model-pruned``,
     ``model`` or ``template``), the model, the mask and the judge.
+
+    A vision-language model answers the instructions typeset as images (FigStep-style, the
+    harmless ones too, as in identification): its pairs carry ``image`` (a PNG in
+    ``<stem>_images/`` beside ``out``), the text request as ``prompt`` and the typeset
+    ``instruction``, and ``align`` trains on them with images.
     """
     from safeneuron.attacks import prune_neurons
     from safeneuron.config import IdentifyConfig, PrefsConfig
@@ -437,6 +442,7 @@ def synthesize_preferences(
     from safeneuron.evaluation.judges import RefusalJudge
     from safeneuron.masks import SafetyNeuronMask
     from safeneuron.models import weights_hash
+    from safeneuron.vlm import is_vlm
 
     config = (config or PrefsConfig()).resolved()
     config.validate()
@@ -466,10 +472,17 @@ def synthesize_preferences(
     gen_kwargs = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                       max_length=config.max_length, cache=cache, progress=progress)
     model, tok = loaded.model, loaded.tokenizer
-    intact = generate(model, tok, harmful.prompts, tag="intact", **gen_kwargs)
-    with prune_neurons(model, mask):
-        pruned = generate(model, tok, harmful.prompts, tag=f"pruned:{mask_digest}", **gen_kwargs)
-    helpful = generate(model, tok, harmless.prompts, tag="intact", **gen_kwargs) if harmless else []
+    multimodal = is_vlm(model)
+    if multimodal:  # a VLM: image pairs, the instructions typeset (as identify and evaluate show them)
+        intact, pruned, helpful, shown = _multimodal_answers(loaded, harmful, harmless, mask, mask_digest, gen_kwargs,
+                                                             out)
+    else:
+        intact = generate(model, tok, harmful.prompts, tag="intact", **gen_kwargs)
+        with prune_neurons(model, mask):
+            pruned = generate(model, tok, harmful.prompts, tag=f"pruned:{mask_digest}", **gen_kwargs)
+        helpful = generate(model, tok, harmless.prompts, tag="intact", **gen_kwargs) if harmless else []
+        shown = {"harmful": [{"prompt": p} for p in harmful.prompts],
+                 "harmless": [{"prompt": p} for p in harmless.prompts] if harmless else []}
 
     judge = RefusalJudge()
     templates = refusal_templates()
@@ -481,7 +494,7 @@ def synthesize_preferences(
     pairs: list[dict] = []
     refused = [judge.is_refusal(r) for r in intact]
     pruned_refused = [judge.is_refusal(r) for r in pruned]
-    for i, prompt in enumerate(harmful.prompts):
+    for i in range(len(harmful)):
         template = rng.choice(templates)
         if refused[i]:
             chosen, chosen_source = intact[i], "model"
@@ -498,17 +511,17 @@ def synthesize_preferences(
         report.chosen_from_template += chosen_source == "template"
         report.rejected_from_pruned += rejected_source == "model-pruned"
         report.rejected_from_intact += rejected_source == "model"
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": "harmful",
+        pairs.append({**shown["harmful"][i], "chosen": chosen, "rejected": rejected, "kind": "harmful",
                       "category": harmful.categories[i], "chosen_source": chosen_source,
                       "rejected_source": rejected_source, **provenance})
     report.pairs_harmful = len(pairs)
     if harmless:
-        for i, prompt in enumerate(harmless.prompts):
+        for i in range(len(harmless)):
             template = rng.choice(templates)
             if judge.is_refusal(helpful[i]):
                 report.dropped_harmless_refused += 1
                 continue
-            pairs.append({"prompt": prompt, "chosen": helpful[i], "rejected": template, "kind": "harmless",
+            pairs.append({**shown["harmless"][i], "chosen": helpful[i], "rejected": template, "kind": "harmless",
                           "category": harmless.categories[i], "chosen_source": "model",
                           "rejected_source": "template", **provenance})
         report.pairs_harmless = len(pairs) - report.pairs_harmful
@@ -532,6 +545,7 @@ def synthesize_preferences(
         "sha256": result.sha256,
         "harmful": {"source": harmful.source, "sha256": harmful.sha256, "n": len(harmful)},
         "harmless": ({"source": harmless.source, "sha256": harmless.sha256, "n": len(harmless)} if harmless else None),
+        "inputs": "image+text" if multimodal else "text",
         "mask": {"source": mask_source, "digest": mask_digest, "neurons": mask.count(), "total": mask.total()},
         "judge": judge.name,
         "report": asdict(report),
@@ -545,6 +559,39 @@ def synthesize_preferences(
                 report.pairs_harmful, report.pairs_harmless, report.refusal_rate_intact,
                 report.compliance_rate_pruned, report.chosen_from_template, report.dropped_no_compliance)
     return result
+
+
+def _multimodal_answers(loaded, harmful, harmless, mask, mask_digest: str, gen_kwargs: dict, out: Path):
+    """A VLM's answers for synthesis: each instruction typeset as an image with the benign FigStep request
+    (:func:`~safeneuron.vlm.typographic_prompts`), intact and (harmful ones) with ``mask`` pruned.
+
+    The images are written to ``<stem>_images/`` beside the pairs file; each pair gets ``prompt`` (the text
+    request), ``image`` (relative to the file, as ``align`` reads it) and ``instruction`` (what the image says).
+    Returns ``(intact, pruned, helpful, shown)``, ``shown`` holding those fields per kind.
+    """
+    from safeneuron.attacks import prune_neurons
+    from safeneuron.vlm import generate_multimodal, processor_of, typographic_prompts
+
+    processor = processor_of(loaded)
+    kwargs = {k: v for k, v in gen_kwargs.items() if k != "max_length"}  # images are never cut
+    typeset = {"harmful": typographic_prompts(harmful), "harmless": typographic_prompts(harmless) if harmless else []}
+    intact = generate_multimodal(loaded.model, processor, typeset["harmful"], tag="intact", **kwargs)
+    with prune_neurons(loaded.model, mask):
+        pruned = generate_multimodal(loaded.model, processor, typeset["harmful"], tag=f"pruned:{mask_digest}",
+                                     **kwargs)
+    helpful = generate_multimodal(loaded.model, processor, typeset["harmless"], tag="intact", **kwargs) \
+        if harmless else []
+    folder = out.parent / f"{out.stem}_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    shown: dict[str, list[dict]] = {}
+    for kind, prompts in typeset.items():
+        texts = (harmful if kind == "harmful" else harmless).prompts if prompts else []
+        shown[kind] = []
+        for i, (p, instruction) in enumerate(zip(prompts, texts)):
+            rel = f"{folder.name}/{kind}{i}.png"
+            p.load_image().save(out.parent / rel)
+            shown[kind].append({"prompt": p.text, "image": rel, "instruction": instruction})
+    return intact, pruned, helpful, shown
 
 
 def manifest_path(out: str | Path) -> Path:

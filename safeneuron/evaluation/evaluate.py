@@ -329,7 +329,8 @@ def _multimodal_measurements(loaded, config: EvalConfig, harmful, masks: Mapping
     judged against the instruction the image holds; harmless = drawn scenes and charts
     with questions (or ``multimodal_harmless``), judged for refusal.
     """
-    from safeneuron.vlm import MultimodalPromptSet, is_vlm, load_multimodal_set, typographic_prompts
+    from safeneuron.evaluation.sets import load_multimodal_harmful
+    from safeneuron.vlm import is_vlm, load_multimodal_set
 
     out: dict = {"asr_multimodal": None, "asr_multimodal_ci95": None, "n_harmful_multimodal": 0,
                  "over_refusal_multimodal": None, "over_refusal_multimodal_ci95": None, "n_harmless_multimodal": 0}
@@ -337,13 +338,9 @@ def _multimodal_measurements(loaded, config: EvalConfig, harmful, masks: Mapping
         return out
     t0 = time.perf_counter()
     if config.multimodal_harmful != "":
-        if config.multimodal_harmful is None:  # the same harmful requests as the text ASR, as images
-            mm = MultimodalPromptSet(typographic_prompts(harmful), f"{harmful.source} (typographic)")
-            judge_prompts = harmful.prompts
-        else:
-            mm = load_multimodal_set(config.multimodal_harmful, default="harmful",
-                                     limit=config.capped(config.n_harmful), seed=config.seed)
-            judge_prompts = None
+        # None: the same harmful requests as the text ASR, as images
+        mm, judge_prompts = load_multimodal_harmful(harmful, config.multimodal_harmful,
+                                                    n=config.capped(config.n_harmful), seed=config.seed)
         sources["harmful_multimodal"] = mm.source
         asr, asr_ci = dict.fromkeys(_PROTOCOL), dict.fromkeys(_PROTOCOL)
         for key in _PROTOCOL:

@@ -26,6 +26,7 @@ __all__ = [
     "HARMFUL_SETS",
     "NamedSet",
     "load_eval_prompts",
+    "load_multimodal_harmful",
     "load_templates",
     "apply_template",
     "split_payload",
@@ -117,6 +118,23 @@ def load_eval_prompts(
             raise PromptFileError(f"{ps.source}: every prompt was used for identification; pass another set")
         ps = ps.subset(keep, f"{ps.source} minus identification")
     return ps.limit(n, seed)
+
+
+def load_multimodal_harmful(harmful: PromptSet, source: str | None = None, *, n: int | None = None, seed: int = 0):
+    """The harmful image+text prompts of an ASR measurement on a VLM, and what the judge sees as each request.
+
+    ``source`` None: ``harmful`` (the text ASR prompts) typeset as images with a benign
+    request (FigStep-style), judged against the instruction each image holds. Otherwise
+    :func:`~safeneuron.vlm.load_multimodal_set` (an image JSONL, a ``builtin:`` set or a
+    text set, typeset; at most ``n``), judged on their text (``None``).
+
+    Returns ``(MultimodalPromptSet, judge_prompts)``; shared by ``evaluate`` and ``attack``.
+    """
+    from safeneuron.vlm import MultimodalPromptSet, load_multimodal_set, typographic_prompts
+
+    if source is None:
+        return MultimodalPromptSet(typographic_prompts(harmful), f"{harmful.source} (typographic)"), harmful.prompts
+    return load_multimodal_set(source, default="harmful", limit=n, seed=seed), None
 
 
 # --------------------------------------------------------------------------- jailbreak templates
