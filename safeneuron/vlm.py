@@ -46,7 +46,7 @@ from safeneuron.activations import POSITIONS, ActivationStats, Batch, _forward, 
 from safeneuron.arch import MLPSite, find_mlps
 from safeneuron.artifacts import sha256_file, sha256_text
 from safeneuron.data.prompts import CATEGORY_COLUMNS, PROMPT_COLUMNS, PromptFileError, PromptSet, load_prompts
-from safeneuron.evaluation.generation import read_cache
+from safeneuron.evaluation.generation import generation_config, open_cache, read_cache
 from safeneuron.models import LoadedModel, ModelLoadError, _check_local_dir, pick_device, pick_dtype, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -908,10 +908,9 @@ def generate_multimodal(
     if not todo:
         return [results[k] for k in keys]
     tokenizer = _tokenizer_of(processor)
-    cache_fh = None
-    if cache:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        cache_fh = open(cache, "a", encoding="utf-8")
+    gen_config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature, top_p=top_p)
+    cache_fh = open_cache(cache) if cache else None  # closes a torn last line (a kill mid-write)
     was_training = model.training
     model.eval()
     try:
@@ -919,15 +918,7 @@ def generate_multimodal(
         for b, batch in enumerate(multimodal_batches(processor, [prompts[i] for i in todo], batch_size, model)):
             if do_sample:
                 torch.manual_seed(seed + b)
-            out = model.generate(
-                **batch.inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=top_p if do_sample else None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            out = model.generate(**batch.inputs, generation_config=gen_config)
             new = out[:, batch.inputs["input_ids"].shape[1]:]
             for j, text in zip(batch.indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 i = todo[j]

@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and probes run faster on one torch thread, and far faster on a busy
+    shared CPU (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -76,6 +86,16 @@ def tiny_model(family: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny random llama with the tiny tokenizer (a model directory the CLI and
+    ``load_model`` read); shared by a module's tests, so they must not write into it."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
 
 
 @pytest.fixture

@@ -96,7 +96,7 @@ def patch() -> None:
         module.write_json = write_json
 
     if kind == "torn":
-        real_open = generation._open_append
+        real_open = generation.open_cache
         lines = {"n": 0}
 
         class Torn:
@@ -115,7 +115,7 @@ def patch() -> None:
             def __getattr__(self, name):
                 return getattr(self.fh, name)
 
-        generation._open_append = lambda path: Torn(real_open(path))
+        generation.open_cache = lambda path: Torn(real_open(path))
 
 
 def report() -> None:

@@ -210,15 +210,6 @@ def test_attack_config_validation():
         AttackConfig(rounds=2, mask="m.safetensors").validate()
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    model, tok = tiny_model("llama"), make_tokenizer()
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_attack_command(tiny_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -12,13 +12,7 @@ from safeneuron.masks import MaskMismatchError, SafetyNeuronMask
 FAMILIES = ["llama", "gemma", "phi3", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def owned_index(site, mask, param_name):

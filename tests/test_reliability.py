@@ -33,7 +33,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_tokenizer, tiny_model
 
 WORKER = Path(__file__).with_name("reliability_worker.py")
 
@@ -149,37 +148,24 @@ def generations(out: Path) -> dict[str, dict[str, str]]:
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
+def two_uninterrupted_runs(args: list[str], tmp: Path, tiny_dir: Path) -> tuple[list[Path], list[dict]]:
+    """The same command twice (same seed and inputs): its two output dirs and counters."""
+    outs, counts = [tmp / "a", tmp / "b"], []
+    for out in outs:
+        counts.append(run([*args, "--model", str(tiny_dir), "--out", str(out)], tmp)[1])
+    return outs, counts
 
 
 @pytest.fixture(scope="module")
 def identified(tmp_path_factory, tiny_dir):
-    """Two uninterrupted identifications (same seed and inputs) and their counters."""
-    tmp = tmp_path_factory.mktemp("identify-ref")
-    outs, counts = [], []
-    for name in ("a", "b"):
-        _, count = run([*IDENTIFY, "--model", str(tiny_dir), "--out", str(tmp / name)], tmp)
-        outs.append(tmp / name)
-        counts.append(count)
+    outs, counts = two_uninterrupted_runs(IDENTIFY, tmp_path_factory.mktemp("identify-ref"), tiny_dir)
     assert counts[0]["forwards"] == N_BATCHES
     return outs, counts
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_dir):
-    """Two uninterrupted evaluations (same seed and inputs) and their counters."""
-    tmp = tmp_path_factory.mktemp("evaluate-ref")
-    outs, counts = [], []
-    for name in ("a", "b"):
-        _, count = run([*EVALUATE, "--model", str(tiny_dir), "--out", str(tmp / name)], tmp)
-        outs.append(tmp / name)
-        counts.append(count)
-    return outs, counts
+    return two_uninterrupted_runs(EVALUATE, tmp_path_factory.mktemp("evaluate-ref"), tiny_dir)
 
 
 # --------------------------------------------------------------------------- determinism

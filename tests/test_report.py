@@ -21,13 +21,7 @@ from safeneuron.report import build_report
 from safeneuron.report.build import ReportError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models and probes run faster on one thread, and far faster on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FRACS = [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05]

@@ -22,12 +22,7 @@ PAIRS = [{"prompt": f"Tell me how to do harmful thing number {i}.", "chosen": "I
           "rejected": f"Sure! Step {i}: first you do it."} for i in range(8)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from conftest import make_tokenizer
 from safeneuron.activations import ActivationStats
 from safeneuron.arch import find_mlps
 from safeneuron.data.prompts import PromptSet
+from safeneuron.evaluation.generation import read_cache
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.vlm import (
     FIGSTEP_REQUEST,
@@ -108,12 +109,7 @@ def tiny_vlm(family: str, seed: int = 0):
     return model.eval(), processor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_sets(n=6, size=(64, 64)):
@@ -315,6 +311,13 @@ def test_generate_multimodal_is_deterministic_and_cached(tmp_path):
     again = generate_multimodal(model, processor, prompts, max_new_tokens=4, batch_size=2, cache=cache, progress=False)
     assert again == first and len(cache.read_text().splitlines()) == 3, "the second call is served from the cache"
     assert generate_multimodal(model, processor, prompts, max_new_tokens=4, batch_size=3, progress=False) == first
+    # a run killed halfway through a cache line: the next run starts a new line and reuses the rest
+    with open(cache, "a") as fh:
+        fh.write('{"key": "torn", "prom')
+    more = small_sets(4)["harmless"]
+    assert generate_multimodal(model, processor, more, max_new_tokens=4, batch_size=2, cache=cache,
+                               progress=False)[:3] == first
+    assert len(read_cache(cache)) == 4 and len(cache.read_text().splitlines()) == 5
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -21,12 +21,7 @@ from safeneuron.masks import SafetyNeuronMask
 from safeneuron.vlm import LoadedVLM, MultimodalPromptError, load_multimodal_set, record_multimodal_activations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(folder, name, prompts):

@@ -22,7 +22,7 @@ from safeneuron.artifacts import sha256_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate", "read_cache", "complete_texts", "generation_config"]
+__all__ = ["generate", "read_cache", "open_cache", "complete_texts", "generation_config"]
 
 
 def _key(prompt: str, settings: str) -> str:
@@ -65,7 +65,7 @@ def generation_config(model: nn.Module, tokenizer, *, max_new_tokens: int, do_sa
     )
 
 
-def _open_append(path: str | Path):
+def open_cache(path: str | Path):
     """Open a JSONL cache for appending, first closing a torn last line (a crash) with a newline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def generate(
     if todo:
         gen_config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                        temperature=temperature, top_p=top_p)
-        cache_fh = _open_append(cache) if cache else None
+        cache_fh = open_cache(cache) if cache else None
         was_training = model.training
         model.eval()
         try:
