@@ -98,6 +98,61 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
+#: A main-job config sized for a tiny model: every stage runs in seconds.
+TINY_RUN = """
+model = "{model}"
+quick = true
+modes = ["safeneuron", "dpo"]
+[identify]
+max_prompts = 16
+batch_size = 8
+tau_es = 0.5
+[prefs]
+n_harmful = 6
+n_harmless = 4
+max_new_tokens = 8
+[align]
+max_pairs = 8
+max_steps = 2
+per_device_train_batch_size = 2
+gradient_accumulation_steps = 1
+max_length = {max_length}
+save_steps = 1
+tau_es = 0.5
+[evaluate]
+n_harmful = 6
+n_harmless = 4
+n_xstest = 4
+n_template_prompts = 3
+n_sweep_prompts = 4
+n_redteam = 2
+identify_prompts = 12
+max_new_tokens = 6
+n_ppl = 4
+[analyze]
+max_prompts = 12
+n_orders = 10
+"""
+
+
+def write_tiny_run_config(folder: Path, model, *, max_length: int = 96) -> Path:
+    """``folder/run.toml``: :data:`TINY_RUN` for ``model`` (align's ``max_length`` must fit its pairs)."""
+    cfg = Path(folder) / "run.toml"
+    cfg.write_text(TINY_RUN.format(model=model, max_length=max_length))
+    return cfg
+
+
+def keep_tiny_run_sizes(monkeypatch) -> None:
+    """In-process runs of :data:`TINY_RUN`: the quick profile keeps only its quick flags, so the
+    config's own (tiny) sizes stand."""
+    from safeneuron import pipeline
+
+    for stage in ("identify", "evaluate", "analyze"):
+        monkeypatch.setitem(pipeline.QUICK, stage, {})
+    for stage in ("prefs", "align"):
+        monkeypatch.setitem(pipeline.QUICK, stage, {"quick": True})
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import keep_tiny_run_sizes, write_tiny_run_config
 from safeneuron.config import ConfigError
 from safeneuron.pipeline import DEFAULT_CONFIG, QUICK, load_run_config
 
@@ -43,49 +44,6 @@ def test_quick_profile_and_unknown_keys(tmp_path):
         load_run_config(bad)
 
 
-TINY_RUN = """
-model = "{model}"
-quick = true
-modes = ["safeneuron", "dpo"]
-[identify]
-max_prompts = 16
-batch_size = 8
-tau_es = 0.5
-[prefs]
-n_harmful = 6
-n_harmless = 4
-max_new_tokens = 8
-[align]
-max_pairs = 8
-max_steps = 2
-per_device_train_batch_size = 2
-gradient_accumulation_steps = 1
-max_length = 96
-save_steps = 1
-tau_es = 0.5
-[evaluate]
-n_harmful = 6
-n_harmless = 4
-n_xstest = 4
-n_template_prompts = 3
-n_sweep_prompts = 4
-n_redteam = 2
-identify_prompts = 12
-max_new_tokens = 6
-n_ppl = 4
-[analyze]
-max_prompts = 12
-n_orders = 10
-"""
-
-
-def write_config(tmp_path, tiny_dir, **quick_overrides):
-    text = TINY_RUN.format(model=tiny_dir)
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(text)
-    return cfg
-
-
 def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "safeneuron.cli", *args], capture_output=True, text=True,
                           env=dict(os.environ, **(env or {})))
@@ -94,12 +52,8 @@ def cli(*args, env=None):
 def test_run_on_a_tiny_model_writes_every_artifact(tmp_path, tiny_dir, monkeypatch):
     from safeneuron import pipeline
 
-    monkeypatch.setitem(pipeline.QUICK, "evaluate", {})  # the tiny config sets its own sizes
-    monkeypatch.setitem(pipeline.QUICK, "identify", {})
-    monkeypatch.setitem(pipeline.QUICK, "analyze", {})
-    monkeypatch.setitem(pipeline.QUICK, "prefs", {"quick": True})
-    monkeypatch.setitem(pipeline.QUICK, "align", {"quick": True})
-    config = load_run_config(write_config(tmp_path, tiny_dir), out=str(tmp_path / "run"))
+    keep_tiny_run_sizes(monkeypatch)
+    config = load_run_config(write_tiny_run_config(tmp_path, tiny_dir), out=str(tmp_path / "run"))
     record = pipeline.run(config, progress=False)
     out = tmp_path / "run"
     for path in ("identify/identify.json", "prefs.jsonl", "align/safeneuron/align.json", "align/dpo/align.json",
@@ -130,13 +84,13 @@ def test_run_refuses_a_directory_of_other_settings(tmp_path, tiny_dir):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"settings_hash": "something-else", "stages": {}}))
-    config = load_run_config(write_config(tmp_path, tiny_dir), out=str(out))
+    config = load_run_config(write_tiny_run_config(tmp_path, tiny_dir), out=str(out))
     with pytest.raises(SafeneuronError, match="holds a run with other settings"):
         pipeline.run(config, progress=False)
 
 
 def test_kill_during_alignment_then_resume(tmp_path, tiny_dir):
-    cfg = write_config(tmp_path, tiny_dir)
+    cfg = write_tiny_run_config(tmp_path, tiny_dir)
     out = tmp_path / "run"
     args = [sys.executable, "-m", "safeneuron.cli", "run", "--config", str(cfg), "--out", str(out), "--no-progress",
             "--stages", "identify,prefs,align"]

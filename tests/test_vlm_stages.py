@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import keep_tiny_run_sizes, write_tiny_run_config
 from test_vlm import small_sets, tiny_vlm
 from safeneuron.arch import find_mlps
 from safeneuron.masks import SafetyNeuronMask
@@ -323,55 +324,13 @@ def test_attack_cli_on_a_vlm_measures_the_asr_with_images(tmp_path, llava_dir, c
     assert json.loads((tmp_path / "a2" / "attack.json").read_text())["results_multimodal"] is None
 
 
-#: test_pipeline.TINY_RUN's sizes; align's max_length fits the typeset prompts with their image tokens (~150 tokens
-#: with the test tokenizer) and the answers.
-TINY_VLM_RUN = """
-model = "{model}"
-quick = true
-modes = ["safeneuron", "dpo"]
-[identify]
-max_prompts = 16
-batch_size = 8
-tau_es = 0.5
-[prefs]
-n_harmful = 6
-n_harmless = 4
-max_new_tokens = 8
-[align]
-max_pairs = 8
-max_steps = 2
-per_device_train_batch_size = 2
-gradient_accumulation_steps = 1
-max_length = 320
-save_steps = 1
-tau_es = 0.5
-[evaluate]
-n_harmful = 6
-n_harmless = 4
-n_xstest = 4
-n_template_prompts = 3
-n_sweep_prompts = 4
-n_redteam = 2
-identify_prompts = 12
-max_new_tokens = 6
-n_ppl = 4
-[analyze]
-max_prompts = 12
-n_orders = 10
-"""
-
-
 def test_main_job_on_a_tiny_vlm_by_config(tmp_path, llava_dir, monkeypatch):
     """`safeneuron run --config` with a VLM as the model: every stage runs on it and writes its artifacts."""
-    from safeneuron import pipeline
     from safeneuron.cli import main
 
-    for stage in ("evaluate", "identify", "analyze"):
-        monkeypatch.setitem(pipeline.QUICK, stage, {})  # the tiny config sets its own sizes
-    monkeypatch.setitem(pipeline.QUICK, "prefs", {"quick": True})
-    monkeypatch.setitem(pipeline.QUICK, "align", {"quick": True})
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(TINY_VLM_RUN.format(model=llava_dir))
+    keep_tiny_run_sizes(monkeypatch)
+    # align's max_length fits the typeset prompts with their image tokens (~150 with the test tokenizer) and answers
+    cfg = write_tiny_run_config(tmp_path, llava_dir, max_length=320)
     out = tmp_path / "run"
     assert main(["run", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     for path in ("identify/identify.json", "prefs.jsonl", "align/safeneuron/align.json", "align/dpo/align.json",
