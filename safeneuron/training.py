@@ -591,14 +591,10 @@ def align(
 
         # 3. artifacts: model, frozen set, metrics (last: marks the round complete)
         t0 = time.perf_counter()
-        if sharded:  # gather the FSDP2 shards into a checkpoint, then every process reloads it whole
-            _save_sharded_model_dir(trainer, saved_with, rdir / "model")
-            del trainer, ref, model
-            loaded = None
-            gc.collect()
-            model = _load_round_model(rdir / "model", config, base_name).model
-        elif config.load_in_4bit:  # merge the adapter into the full-precision weights, then go on in 4-bit
-            if main:
+        if sharded or config.load_in_4bit:  # the round is saved, then every process goes on from the saved model
+            if sharded:  # gather the FSDP2 shards into a checkpoint
+                _save_sharded_model_dir(trainer, saved_with, rdir / "model")
+            elif main:  # QLoRA: merge the adapter into the full-precision weights, then go on in 4-bit
                 trainer.model.save_pretrained(str(rdir / "adapter"))
                 merged = _merge_adapter_into(start_path, rdir / "adapter", config)
                 _save_model_dir(merged, saved_with, rdir / "model")
@@ -606,7 +602,7 @@ def align(
             del trainer, ref, model
             loaded = None
             gc.collect()
-            barrier()
+            barrier()  # the saved model is complete before any process reads it
             model = _load_round_model(rdir / "model", config, base_name).model
         else:
             model = trainer.model
