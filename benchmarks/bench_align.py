@@ -74,7 +74,7 @@ def step_worker(args) -> dict:
     from safeneuron.config import AlignConfig
     from safeneuron.masks import SafetyNeuronMask
     from safeneuron.models import load_model
-    from safeneuron.training import SafeNeuronDPOTrainer, dpo_config, lora_config
+    from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config
 
     loaded = load_model(args.model, device="auto")
     model, tok = loaded.model, loaded.tokenizer
@@ -189,7 +189,7 @@ def run_paired(args) -> dict:
     from safeneuron.config import AlignConfig
     from safeneuron.masks import SafetyNeuronMask
     from safeneuron.models import load_model
-    from safeneuron.training import SafeNeuronDPOTrainer, dpo_config, lora_config
+    from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config
 
     out = {}
     for lora in (False, True):
@@ -254,7 +254,7 @@ def run_paired(args) -> dict:
 def run_round(args) -> dict:
     from safeneuron.config import AlignConfig
     from safeneuron.models import load_model
-    from safeneuron.training import align
+    from safeneuron.stages.align import align
 
     out = {}
     pairs = preference_pairs(args.round_pairs)

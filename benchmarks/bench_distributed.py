@@ -72,7 +72,7 @@ def scaling_worker(args) -> None:
     from safeneuron.config import IdentifyConfig
     from safeneuron.data.prompts import load_prompts
     from safeneuron.distributed import barrier, world
-    from safeneuron.identify import identify
+    from safeneuron.stages.identify import identify
     from safeneuron.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -200,7 +200,7 @@ def gpu_dpo_worker(args) -> dict:
     from safeneuron.config import AlignConfig
     from safeneuron.data.preferences import PreferenceSet
     from safeneuron.masks import SafetyNeuronMask
-    from safeneuron.training import SafeNeuronDPOTrainer, dpo_config, lora_config
+    from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config
 
     tok = tokenizer()
     model = random_model(args.shape, args.device)
@@ -246,9 +246,9 @@ def tokenizer():
 
 
 def run_gpu(args) -> dict:
-    from safeneuron.activations import _forward, iter_batches
+    from safeneuron.inputs import forward_without_logits as _forward, iter_batches
     from safeneuron.config import IdentifyConfig
-    from safeneuron.identify import identify
+    from safeneuron.stages.identify import identify
     from safeneuron.models import LoadedModel
 
     device = args.device

@@ -1,6 +1,6 @@
 """Wall time of the full default evaluation (``safeneuron evaluate`` with its defaults).
 
-Runs :func:`safeneuron.evaluation.evaluate_models` on one model with the default
+Runs :func:`safeneuron.stages.evaluate.evaluate_models` on one model with the default
 :class:`~safeneuron.config.EvalConfig` into an empty directory (nothing cached), plus
 the MMLU subset from ../shared when it is present (``--no-mc`` to leave it out), and
 records the total and per-step times and the 1-minute load average (other jobs on a
@@ -33,7 +33,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "evaluate.json"
 
 def main() -> None:
     from safeneuron.config import EvalConfig
-    from safeneuron.evaluation import evaluate_models
+    from safeneuron.stages.evaluate import evaluate_models
     from safeneuron.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -36,7 +36,7 @@ def machine() -> dict:
 
 
 def main() -> None:
-    from safeneuron.evaluation.generation import generate
+    from safeneuron.generation import generate
     from safeneuron.evaluation.sets import load_eval_prompts
     from safeneuron.models import load_model
 

@@ -47,7 +47,7 @@ def prompts(n: int):
 
 
 def plain_forward_s(loaded, texts, batch_size):
-    from safeneuron.activations import _forward, iter_batches
+    from safeneuron.inputs import forward_without_logits as _forward, iter_batches
 
     batches = iter_batches(loaded.tokenizer, texts, batch_size)
     t0 = time.perf_counter()
@@ -59,7 +59,7 @@ def plain_forward_s(loaded, texts, batch_size):
 
 def identify_s(loaded, harmful, harmless, out, batch_size, method="stats", epochs=5000):
     from safeneuron.config import IdentifyConfig
-    from safeneuron.identify import identify
+    from safeneuron.stages.identify import identify
 
     cfg = IdentifyConfig(batch_size=batch_size, method=method, neurostrike_epochs=epochs, checkpoint_every=10**9)
     ps_dir = Path(out)
@@ -115,7 +115,7 @@ def main() -> None:
         memory_child(args.memory_child, args.batch_size)
         return
 
-    from safeneuron.identify import versions
+    from safeneuron.artifacts import versions
     from safeneuron.models import load_model
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -1,11 +1,13 @@
-"""Recording MLP neuron activations with scoped hooks, and streaming statistics.
+"""Recording MLP neuron activations (text and image+text prompts alike) into streaming statistics.
 
 The neuron activation of an MLP is the input of its down projection,
-``act(gate(x)) * up(x)``, shape [batch, seq, d_ff]. Each prompt is pooled over its
-non-padding tokens (``max``, ``last`` or ``mean``) to one [d_ff] vector, and the
-vectors are folded into per-neuron count / mean / M2 accumulators in float64
-(Welford updates, Chan merges). Memory is O(layers x d_ff) whatever the number of
-prompts; statistics from separate runs or processes merge exactly.
+``act(gate(x)) * up(x)``, shape [batch, seq, d_ff], read by a scoped hook
+(:func:`safeneuron.hooks.neuron_hooks`) on batches from
+:func:`safeneuron.inputs.prompt_batches`. Each prompt is pooled over its non-padding
+tokens (``max``, ``last`` or ``mean``) to one [d_ff] vector, and the vectors are folded
+into per-neuron count / mean / M2 accumulators in float64 (Welford updates, Chan
+merges). Memory is O(layers x d_ff) whatever the number of prompts; statistics from
+separate runs or processes merge exactly.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from safeneuron.arch import MLPSite, find_mlps
-from safeneuron.data.prompts import PromptSet, render_chat
+from safeneuron.data.images import MultimodalPrompt, as_image_text, is_image_text
+from safeneuron.data.prompts import PromptSet
+from safeneuron.hooks import neuron_hooks
+from safeneuron.inputs import forward_without_logits, iter_batches, model_device, prompt_batches
+from safeneuron.models import is_vlm
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +34,7 @@ __all__ = [
     "POSITIONS",
     "NeuronStats",
     "ActivationStats",
-    "neuron_hooks",
     "pool_tokens",
-    "iter_batches",
     "record_activations",
     "collect_activations",
 ]
@@ -149,40 +153,7 @@ class ActivationStats:
         return out
 
 
-# --------------------------------------------------------------------------- hooks
-@contextlib.contextmanager
-def neuron_hooks(
-    model: nn.Module,
-    fn: Callable[[MLPSite, torch.Tensor], torch.Tensor | None],
-    sites: Sequence[MLPSite] | None = None,
-) -> Iterator[list[MLPSite]]:
-    """Run ``fn(site, acts)`` on every MLP's neuron activations [batch, seq, d_ff].
-
-    ``fn`` may return a replacement tensor (to prune or ablate) or None (to record).
-    The hooks are forward pre-hooks on the down projections and are always removed
-    on exit.
-    """
-    sites = list(sites) if sites is not None else find_mlps(model)
-    handles = []
-
-    def make(site: MLPSite):
-        def pre_hook(module, args, kwargs):
-            new = fn(site, args[0])
-            if new is None:
-                return None
-            return (new, *args[1:]), kwargs
-
-        return pre_hook
-
-    try:
-        for site in sites:
-            handles.append(site.down.register_forward_pre_hook(make(site), with_kwargs=True))
-        yield sites
-    finally:
-        for h in handles:
-            h.remove()
-
-
+# --------------------------------------------------------------------------- pooling
 def pool_tokens(x: torch.Tensor, attention_mask: torch.Tensor, position: str) -> torch.Tensor:
     """Pool activations [batch, seq, d] over non-padding tokens to [batch, d] float32.
 
@@ -203,77 +174,11 @@ def pool_tokens(x: torch.Tensor, attention_mask: torch.Tensor, position: str) ->
     raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
 
 
-# --------------------------------------------------------------------------- batching
-@dataclass
-class Batch:
-    """One tokenised batch: the prompts' indices in the input list and the model inputs."""
-
-    indices: list[int]
-    inputs: dict[str, torch.Tensor]
-
-
-def _prepare_tokenizer(tokenizer) -> None:
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"  # keep the generation prompt when truncating
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
-def iter_batches(
-    tokenizer,
-    prompts: Sequence[str],
-    batch_size: int,
-    max_length: int = 512,
-    device: torch.device | str = "cpu",
-) -> list[Batch]:
-    """Render, tokenise and batch prompts, grouped by length to minimise padding.
-
-    Batches are left-padded; the order is deterministic (longest first).
-    Prompts longer than ``max_length`` tokens are truncated from the left, with a warning.
-    """
-    _prepare_tokenizer(tokenizer)
-    texts = render_chat(tokenizer, prompts)
-    special = not bool(getattr(tokenizer, "chat_template", None))
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
-    too_long = sum(n > max_length for n in lengths)
-    if too_long:
-        logger.warning("%d prompts are longer than max_length=%d tokens and were truncated", too_long, max_length)
-    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [texts[i] for i in idx],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            add_special_tokens=special,
-        )
-        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
-        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-        batches.append(Batch(idx, {k: v.to(device) for k, v in inputs.items()}))
-    return batches
-
-
-def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
-    kwargs = dict(inputs, use_cache=False)
-    try:
-        model(**kwargs, logits_to_keep=1)  # skip the full-vocabulary head: only MLPs matter
-    except TypeError:
-        model(**kwargs)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # --------------------------------------------------------------------------- recording
 def record_activations(
     model: nn.Module,
-    tokenizer,
-    prompt_sets: Mapping[str, PromptSet],
+    processing,
+    prompt_sets: Mapping[str, PromptSet | Sequence[MultimodalPrompt]],
     *,
     position: str = "max",
     batch_size: int = 16,
@@ -288,9 +193,19 @@ def record_activations(
 ) -> ActivationStats:
     """Stream neuron statistics for each labelled prompt set, in one pass.
 
+    Text and image+text prompts go the same way (:func:`safeneuron.inputs.prompt_batches`).
+    For a vision-language model (``processing`` is then its processor) every prompt is
+    image+text: a text :class:`PromptSet` is typeset as images
+    (:func:`~safeneuron.data.images.typographic_prompts`), and the pooled vector is taken
+    from the language model's MLP inputs at all positions, image tokens included
+    (``last`` is the end of the generation prompt, after the image).
+
     Args:
+        processing: the tokenizer (text model) or the processor (VLM).
         prompt_sets: label -> prompts, e.g. ``{"harmful": ..., "harmless": ...}``.
         position: token pooling, one of :data:`POSITIONS`.
+        max_length: text prompts are truncated from the left at this many tokens;
+            image+text prompts are never cut (a longer batch only warns).
         by_category: also keep statistics per ``<label>/<category>`` (True: for every
             label; a collection of labels: for those only).
         stats: statistics to continue from (resume); ``skip_batches`` batches of the
@@ -302,27 +217,33 @@ def record_activations(
             no per-layer transfer: faster on a GPU).
 
     Returns:
-        The statistics; nothing of size [prompts, layers, d_ff] is ever held.
+        The statistics, groups ``<label>`` (and ``<label>/<category>``); nothing of size
+        [prompts, layers, d_ff] is ever held.
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
     stats = stats if stats is not None else ActivationStats(position)
-    prompts: list[str] = []
+    image_text = is_vlm(model) or any(is_image_text(ps) for ps in prompt_sets.values())
+    prompts: list = []
     groups: list[list[str]] = []
     for label, ps in prompt_sets.items():
         split = by_category is True or (not isinstance(by_category, bool) and label in by_category)
-        for p, c in zip(ps.prompts, ps.categories):
-            prompts.append(p)
-            groups.append([label] + ([f"{label}/{c}"] if split and c is not None else []))
+        items = as_image_text(ps) if image_text else list(zip(ps.prompts, ps.categories))
+        for item in items:
+            prompt, category = (item, item.category) if image_text else item
+            prompts.append(prompt)
+            groups.append([label] + ([f"{label}/{category}"] if split and category is not None else []))
 
-    device = model_device(model)
-    acc_device = device if stats_device == "model" else torch.device("cpu")
+    acc_device = model_device(model) if stats_device == "model" else torch.device("cpu")
     stats = stats.to(acc_device)
-    batches = iter_batches(tokenizer, prompts, batch_size, max_length, device)
     state: dict = {}
 
     def record(site: MLPSite, acts: torch.Tensor) -> None:
-        pooled = pool_tokens(acts.detach(), state["mask"], position).to(acc_device)
+        mask = state["mask"]
+        if acts.shape[:2] != mask.shape:
+            raise RuntimeError(f"{site.name}: activations {tuple(acts.shape)} do not align with the attention mask "
+                               f"{tuple(mask.shape)}; this model changes the sequence inside the model")
+        pooled = pool_tokens(acts.detach(), mask, position).to(acc_device)
         for group, rows in state["rows"].items():
             stats.add(group, site.name, pooled[rows] if len(rows) < pooled.shape[0] else pooled)
         return None
@@ -331,18 +252,22 @@ def record_activations(
     model.eval()
     try:
         with neuron_hooks(model, record, sites), torch.no_grad():
-            bar = tqdm(total=len(prompts), desc="recording", unit="prompt", disable=not progress)
-            for b, batch in enumerate(batches):
-                if b < skip_batches:
-                    bar.update(len(batch.indices))
-                    continue
+            bar = tqdm(total=len(prompts), desc="recording (image+text)" if image_text else "recording",
+                       unit="prompt", disable=not progress)
+            bar.update(min(len(prompts), skip_batches * batch_size))
+            batches = prompt_batches(processing, prompts, batch_size, max_length=max_length, model=model,
+                                     skip=skip_batches)
+            for b, batch in enumerate(batches, start=skip_batches):
                 rows: dict[str, list[int]] = {}
                 for r, i in enumerate(batch.indices):
                     for g in groups[i]:
                         rows.setdefault(g, []).append(r)
                 state["mask"] = batch.inputs["attention_mask"]
+                if image_text and state["mask"].shape[1] > max_length:
+                    logger.warning("batch %d: %d tokens (image tokens included) > max_length=%d; not truncated",
+                                   b + 1, state["mask"].shape[1], max_length)
                 state["rows"] = {g: torch.tensor(r, device=acc_device) for g, r in rows.items()}
-                _forward(model, batch.inputs)
+                forward_without_logits(model, batch.inputs)
                 bar.update(len(batch.indices))
                 if on_batch is not None:
                     on_batch(b + 1, stats)
@@ -409,7 +334,7 @@ def collect_activations(
                               desc="collecting", unit="batch", disable=not progress):
                 state["mask"] = batch.inputs["attention_mask"]
                 state["idx"] = torch.tensor(batch.indices)
-                _forward(model, batch.inputs)
+                forward_without_logits(model, batch.inputs)
     finally:
         for h in handles:
             h.remove()

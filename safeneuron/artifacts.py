@@ -13,9 +13,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +26,9 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "atomic_path",
+    "atomic_dir",
+    "versions",
+    "timestamp",
     "write_json",
     "read_json",
     "write_text",
@@ -31,6 +37,7 @@ __all__ = [
     "sha256_file",
     "sha256_text",
     "ArtifactError",
+    "StageDir",
 ]
 
 
@@ -57,6 +64,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole
+    (a model directory is either the old one or the complete new one, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    """Versions of safeneuron and the libraries its results depend on (for manifests); read from
+    the installed distributions, so nothing is imported."""
+    from importlib import metadata
+
+    from safeneuron import __version__
+
+    out = {"safeneuron": __version__}
+    for dist in ("torch", "transformers", "trl", "peft"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover - all are dependencies
+            out[dist] = "not installed"
+    return out
+
+
+def timestamp() -> str:
+    """Local time as ISO 8601 with offset, as every manifest's ``created`` holds it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -111,3 +157,76 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 def sha256_text(*parts: str) -> str:
     """Hex sha256 of text parts joined by newlines."""
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class StageDir:
+    """A stage's output directory, kept the same way by every stage that has a run key.
+
+    The run key hashes what produces the artifacts (settings, data, weights); the
+    manifest (e.g. ``identify.json``) carries it and is written last, so its presence
+    marks the stage complete; artifacts of another run key are never mixed with this
+    run's: :meth:`claim` refuses them, or removes them with ``overwrite``.
+
+    Attributes:
+        path: the directory.
+        manifest: the manifest's file name.
+        run_key: this run's key.
+        what: the kind of run, for messages ("an identification", "an alignment run").
+        error: the error class raised for another run's artifacts.
+        key_field: the manifest field holding the key.
+        remedy: what the message tells the user to do.
+        fields: the settings the remedy is about (the CLI adds their flags).
+    """
+
+    path: Path
+    manifest: str
+    run_key: str
+    what: str = "a run"
+    error: type = ArtifactError
+    key_field: str = "run_key"
+    remedy: str = "overwrite it or choose another output directory"
+    fields: tuple[str, ...] = ("overwrite", "out")
+
+    def _key_of(self, file: Path) -> str | None:
+        try:
+            data = read_json(file)
+        except ArtifactError:
+            return None
+        return data.get(self.key_field) if isinstance(data, dict) else None
+
+    def complete(self) -> bool:
+        """The manifest exists and holds this run's key."""
+        file = self.path / self.manifest
+        return file.is_file() and self._key_of(file) == self.run_key
+
+    def foreign(self, patterns: Iterable[str] = ()) -> list[Path]:
+        """The manifest (also when unreadable) and the files matching ``patterns`` (globs; unreadable ones are
+        skipped) that hold another run's key."""
+        manifest = self.path / self.manifest
+        out = [manifest] if manifest.is_file() and self._key_of(manifest) != self.run_key else []
+        files = (f for pat in patterns for f in sorted(self.path.glob(pat)))
+        return out + [f for f in files if f.is_file() and self._key_of(f) not in (None, self.run_key)]
+
+    def claim(self, overwrite: bool = False, *, patterns: Iterable[str] = (), remove: Iterable[str] = (),
+              sync: Callable[[], None] = lambda: None, main: bool = True) -> None:
+        """Make the directory this run's: artifacts of another run (:meth:`foreign`) are an error, or with
+        ``overwrite`` the files and folders matching ``remove`` (globs; the manifest always) are deleted by
+        the main process after every process called ``sync``. Creates the directory."""
+        foreign = self.foreign(patterns)
+        if foreign and not overwrite:
+            where = f" ({foreign[0].relative_to(self.path)})" if foreign[0].name != self.manifest else ""
+            raise self.error(f"{self.path} holds {self.what} with other settings, data or weights{where}; "
+                             f"{self.remedy}", fields=self.fields)
+        if foreign:
+            sync()  # every process has read the old run before it goes
+            if main:
+                for pat in (self.manifest, *remove):
+                    for f in self.path.glob(pat):
+                        shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+            sync()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_manifest(self, manifest: dict) -> None:
+        """Write the manifest (with this run's key), atomically; call it last."""
+        write_json(self.path / self.manifest, {**manifest, self.key_field: self.run_key})

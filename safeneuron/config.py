@@ -1,26 +1,151 @@
-"""Configuration dataclasses for every stage, loadable from TOML or YAML.
+"""Configuration dataclasses for every stage and the main job, loadable from TOML or YAML.
 
-Each field has a default and a docstring-style comment; the CLI flags mirror them.
+Each field has a default and a docstring written under it (TRL style); the CLI flags
+mirror them (``--tau-es`` sets ``tau_es``). The rules every config follows, in one place:
+
+* a field typed ``Literal[...]`` takes only those values (:func:`check_choices`);
+* a stage that identifies safety neurons embeds an :class:`IdentifyConfig` (field
+  ``identify``) instead of copying its fields; the stage sets its model, seed, dtype and
+  device. Old flat keys are ``ALIASES`` (``tau_es`` -> ``identify.tau_es``), accepted by the
+  constructor, :func:`from_dict`, config files and flags alike;
+* the main job's settings are :data:`MAIN_JOB` (written to ``configs/default.toml``) and its
+  quick profile is a config file, ``configs/quick.toml`` (:data:`QUICK`), which also serves
+  ``align --quick`` and ``prefs --quick``.
 """
 
 from __future__ import annotations
 
 from safeneuron.errors import SafeneuronError
 
+import dataclasses
 import difflib
+import functools
 import tomllib
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-__all__ = ["IdentifyConfig", "ConfigError", "from_dict", "load_config_file", "settings_hash"]
+__all__ = ["IdentifyConfig", "ConfigError", "from_dict", "load_config_file", "settings_hash", "check_choices",
+           "apply_profile", "Position", "NeuronSet"]
+
+Position = Literal["max", "last", "mean"]
+"""Token pooling per prompt: ``max`` over its tokens, the ``last`` token (end of the generation prompt), ``mean``."""
+Method = Literal["stats", "neurostrike"]
+NeuronSet = Literal["es", "sas", "union"]
+AlignMode = Literal["safeneuron", "dpo", "sn-tune"]
+
+#: Fields of an embedded IdentifyConfig that the embedding stage sets itself (its own model, seed, dtype, device).
+INHERITED = ("model", "seed", "dtype", "device", "trust_remote_code")
 
 
 class ConfigError(SafeneuronError):
     """A configuration value or key is invalid."""
 
 
-@dataclass
+# --------------------------------------------------------------------------- rules shared by every config
+def _choices(tp) -> tuple | None:
+    """The values a ``Literal`` type (or ``Literal | None``) allows; None for other types."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg)
+    return None
+
+
+def check_choices(config) -> None:
+    """Raise :class:`ConfigError` for a ``Literal`` field holding another value (None passes where allowed)."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        allowed = _choices(hints[f.name])
+        value = getattr(config, f.name)
+        if allowed is None or value in allowed or (value is None and type(None) in typing.get_args(hints[f.name])):
+            continue
+        raise ConfigError(f"{f.name} must be one of {', '.join(repr(c) for c in allowed)}, got {value!r}")
+
+
+def _nested(cls) -> dict[str, type]:
+    """Fields holding another config dataclass (e.g. ``identify``), by name."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _field_default(cls, name: str):
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _route_aliases(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with ``ALIASES`` keys moved to their fields (``tau_es`` -> ``identify: {tau_es}``); nested
+    fields' values stay dicts here. Giving an old key and its field both is an error."""
+    out = dict(values)
+    for old, new in getattr(cls, "ALIASES", {}).items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        outer, _, inner = new.partition(".")
+        if not inner:
+            if outer in out:
+                raise ConfigError(f"{where}: {old!r} and {new!r} are the same setting; give one")
+            out[outer] = value
+            continue
+        nested = out.get(outer)
+        nested = dict(asdict(nested) if dataclasses.is_dataclass(nested) else nested or {})
+        if inner in nested:
+            raise ConfigError(f"{where}: {old!r} and {new!r} are the same setting; give one")
+        nested[inner] = value
+        out[outer] = nested
+    return out
+
+
+def _nested_config(cls, name: str, value, where: str):
+    """A nested field's value as its config: a dict is layered over the field's default."""
+    sub = _nested(cls)[name]
+    if isinstance(value, sub):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {name} must be a table of {sub.__name__} settings, got {type(value).__name__}")
+    base = _field_default(cls, name)
+    return from_dict(sub, {**asdict(base), **value}, where=f"{where}.{name}", validate=False)
+
+
+def config_dataclass(cls):
+    """``@dataclass`` plus ``ALIASES`` and nested configs in the constructor: ``AlignConfig(tau_es=3)`` is
+    ``AlignConfig(identify=IdentifyConfig(tau_es=3))`` (over the field's default), and a dict for a nested
+    field becomes its config."""
+    cls = dataclass(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        kwargs = _route_aliases(cls, kwargs, cls.__name__)
+        for name in _nested(cls):
+            if name in kwargs:
+                kwargs[name] = _nested_config(cls, name, kwargs[name], cls.__name__)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def apply_profile(config, profile: dict[str, Any], defaults=None):
+    """A copy of ``config`` with ``profile``'s values given to the fields still at their defaults (those of
+    ``defaults``, a default-built config when None; nested fields too): how ``quick`` applies :data:`QUICK`."""
+    cls = type(config)
+    profile = _route_aliases(cls, {k: v for k, v in profile.items() if k != "quick"}, cls.__name__)
+    defaults = defaults if defaults is not None else cls()
+    changes = {}
+    for key, value in profile.items():
+        if key in _nested(cls):
+            changes[key] = apply_profile(getattr(config, key), value, getattr(defaults, key))
+        elif getattr(config, key) == getattr(defaults, key):
+            changes[key] = value
+    return dataclasses.replace(config, **changes)
+
+
+@config_dataclass
 class IdentifyConfig:
     """Settings of safety-neuron identification."""
 
@@ -32,20 +157,20 @@ class IdentifyConfig:
     """Harmless prompts: file, ``hf:<name>`` or ``builtin:harmless`` (default)."""
     prompt_column: str | None = None
     """Prompt column of the files (detected when None)."""
-    method: str = "stats"
+    method: Method = "stats"
     """``stats`` (ES + SAS, closed form, streaming) or ``neurostrike`` (logistic probes)."""
-    position: str | None = None
+    position: Position | None = None
     """Token pooling per prompt: ``max`` over the prompt, ``last`` token, or ``mean``; None = ``max`` for text models,
     ``last`` (the end of the prompt, after the image tokens) for vision-language models."""
     tau_es: float | None = None
     """ES (Cohen's d) threshold; None = 3 for Qwen models, 2 for other families (a VLM: its language backbone's)."""
     tau_sas: float = 2.0
     """SAS z-score threshold within a layer."""
-    select: str = "threshold"
+    select: Literal["threshold", "t"] = "threshold"
     """``threshold`` (d > tau_es) or ``t`` (one-sided T test with ``correction`` at ``alpha``) for the ES set."""
     alpha: float = 0.05
     """Family-wise (bonferroni) or false-discovery (bh) level when ``select = "t"``."""
-    correction: str = "bh"
+    correction: Literal["bh", "bonferroni"] = "bh"
     """``bh`` (Benjamini-Hochberg) or ``bonferroni``."""
     top_frac: float | None = None
     """Optional cap: keep at most this fraction of each layer's neurons per set (highest scores)."""
@@ -66,44 +191,49 @@ class IdentifyConfig:
     """NeuroStrike's z-score threshold on probe weights."""
     checkpoint_every: int = 8
     """Save partial statistics every this many batches (resume after a kill)."""
-    stats_device: str = "cpu"
+    stats_device: Literal["cpu", "model"] = "cpu"
     """Where the float64 accumulators live: ``cpu`` (offloaded) or ``model`` (the model's device; faster on GPU)."""
 
     def validate(self) -> None:
-        if self.method not in ("stats", "neurostrike"):
-            raise ConfigError(f"method must be 'stats' or 'neurostrike', got {self.method!r}")
-        if self.position is not None and self.position not in ("max", "last", "mean"):
-            raise ConfigError(f"position must be max, last or mean, got {self.position!r}")
+        check_choices(self)
         if self.tau_es is not None and not self.tau_es > 0:
             raise ConfigError(f"tau_es must be > 0, got {self.tau_es}")
         if not self.tau_sas > 0:
             raise ConfigError(f"tau_sas must be > 0, got {self.tau_sas}")
-        if self.select not in ("threshold", "t"):
-            raise ConfigError(f"select must be 'threshold' or 't', got {self.select!r}")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.correction not in ("bh", "bonferroni"):
-            raise ConfigError(f"correction must be 'bh' or 'bonferroni', got {self.correction!r}")
         if self.top_frac is not None and not 0 < self.top_frac <= 1:
             raise ConfigError(f"top_frac must be in (0, 1], got {self.top_frac}")
-        if self.stats_device not in ("cpu", "model"):
-            raise ConfigError(f"stats_device must be 'cpu' or 'model', got {self.stats_device!r}")
         if self.batch_size < 1 or self.max_length < 1:
             raise ConfigError("batch_size and max_length must be >= 1")
         if self.max_prompts is not None and self.max_prompts < 2:
             raise ConfigError(f"max_prompts must be >= 2 (variances need two prompts per class), got {self.max_prompts}")
 
 
-def from_dict(cls, data: dict[str, Any], where: str = "config"):
-    """Build a config dataclass, rejecting unknown keys with the closest valid one."""
+def from_dict(cls, data: dict[str, Any], where: str = "config", *, validate: bool = True):
+    """Build a config dataclass, rejecting unknown keys with the closest valid one.
+
+    ``ALIASES`` keys go to their fields and a table for a nested config (``identify``) is
+    layered over that field's default; ``validate`` checks the values.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {type(data).__name__}")
+    data = _route_aliases(cls, data, where)
     names = [f.name for f in fields(cls)]
     for key in data:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            known = names + list(getattr(cls, "ALIASES", {}))
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-    obj = cls(**data)
-    if hasattr(obj, "validate"):
+    for name in _nested(cls):
+        if name in data:
+            data[name] = _nested_config(cls, name, data[name], where)
+    try:
+        obj = cls(**data)
+    except TypeError as err:  # pragma: no cover - keys are checked above
+        raise ConfigError(f"{where}: {err}") from None
+    if validate and hasattr(obj, "validate"):
         obj.validate()
     return obj
 
@@ -139,45 +269,41 @@ def settings_hash(obj, exclude: tuple[str, ...] = ()) -> str:
 
 
 # --------------------------------------------------------------------------- alignment (issue 4)
-ALIGN_MODES = ("safeneuron", "dpo", "sn-tune")
+ALIGN_MODES = typing.get_args(AlignMode)
 
 
-@dataclass
+@config_dataclass
 class AlignConfig:
     """Settings of neuron-frozen iterative DPO (the method's Algorithm 1).
 
     The DPO knobs keep TRL's names (``beta``, ``learning_rate``, ``max_length``,
     ``per_device_train_batch_size``, ...) and the method's defaults; ``quick`` scales
-    the run down (see :data:`QUICK_ALIGN`) for fields left at their defaults.
+    the run down (``[align]`` of ``configs/quick.toml``) for fields left at their defaults.
     """
+
+    ALIASES: ClassVar[dict[str, str]] = {k: f"identify.{k}" for k in ("harmful", "harmless", "max_prompts", "tau_es",
+                                                                       "tau_sas", "top_frac")}
+    """Old keys (and flags) of the identification settings: ``tau_es`` is ``identify.tau_es``, ..."""
 
     model: str | None = None
     """Hub id or local directory; None = the embedded default model."""
-    mode: str = "safeneuron"
+    mode: AlignMode = "safeneuron"
     """``safeneuron`` (ablate + freeze the safety neurons, train the rest), ``dpo`` (plain DPO baseline) or
     ``sn-tune`` (train only the safety neurons, the SN-Tune baseline)."""
     rounds: int = 2
     """Iterations of identify -> freeze -> DPO; each round's reference model is the model at its start."""
-    frozen_set: str = "union"
+    frozen_set: Literal["new", "union"] = "union"
     """Neurons frozen in round r: ``new`` (identified on the current model) or ``union`` (with earlier rounds)."""
     freeze_only: bool = False
     """Freeze the safety neurons without ablating them in training forward passes (ablation study)."""
-    neuron_set: str = "union"
+    neuron_set: NeuronSet = "union"
     """Identification set used as the safety neurons: ``es``, ``sas`` or ``union``."""
     mask: str | None = None
     """Safety-neuron mask file for round 1 (e.g. an identify run's safety_neurons.safetensors); skips that identification."""
-    harmful: str | None = None
-    """Harmful prompts for identification: file, ``hf:<name>`` or built-in (default)."""
-    harmless: str | None = None
-    """Harmless prompts for identification: file, ``hf:<name>`` or built-in (default)."""
-    max_prompts: int | None = None
-    """Identification uses at most this many prompts per class (seeded sample)."""
-    tau_es: float | None = None
-    """Identification ES threshold; None = the family default (see IdentifyConfig)."""
-    tau_sas: float = 2.0
-    """Identification SAS z-score threshold."""
-    top_frac: float | None = None
-    """Identification cap: at most this fraction of each layer's neurons per set."""
+    identify: IdentifyConfig = field(default_factory=IdentifyConfig)
+    """Identification settings of every round (prompts, ``max_prompts``, pooling ``position``, ``tau_es``, ``tau_sas``,
+    ``top_frac``, ...: an :class:`IdentifyConfig`; TOML ``[align.identify]``, flags ``--identify.<field>``). Its
+    model, seed, dtype and device are this stage's."""
     freeze_embeddings: bool = False
     """Also freeze the input embeddings (and a tied output layer)."""
     freeze_attention: bool = False
@@ -234,31 +360,22 @@ class AlignConfig:
     keep_checkpoints: bool = False
     """Keep each round's trainer checkpoints after the round completes."""
     quick: bool = False
-    """Small profile for a fast end-to-end run (fewer pairs, prompts and epochs; see QUICK_ALIGN)."""
+    """Small profile for a fast run (``[align]`` of ``configs/quick.toml``, for fields left at their defaults)."""
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
 
     def resolved(self) -> "AlignConfig":
-        """A copy with the ``quick`` profile applied to the fields still at their defaults."""
-        out = AlignConfig(**asdict(self))
-        if self.quick:
-            defaults = AlignConfig()
-            for key, value in QUICK_ALIGN.items():
-                if getattr(out, key) == getattr(defaults, key):
-                    setattr(out, key, value)
-        return out
+        """A copy with the ``quick`` profile (``[align]`` of ``configs/quick.toml``) applied to the fields still at
+        their defaults."""
+        return apply_profile(self, QUICK.get("align", {})) if self.quick else dataclasses.replace(self)
 
     def validate(self) -> None:
-        if self.mode not in ALIGN_MODES:
-            raise ConfigError(f"mode must be one of {', '.join(ALIGN_MODES)}, got {self.mode!r}")
+        check_choices(self)
+        self.identify.validate()
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
-        if self.frozen_set not in ("new", "union"):
-            raise ConfigError(f"frozen_set must be 'new' or 'union', got {self.frozen_set!r}")
-        if self.neuron_set not in ("es", "sas", "union"):
-            raise ConfigError(f"neuron_set must be es, sas or union, got {self.neuron_set!r}")
         if self.freeze_layers is not None:
             try:
                 self.freeze_layers = [int(x) for x in self.freeze_layers]
@@ -287,36 +404,26 @@ class AlignConfig:
             raise ConfigError(f"safety_ratio must be in (0, 1], got {self.safety_ratio}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ConfigError(f"max_pairs must be >= 1, got {self.max_pairs}")
-        if self.max_prompts is not None and self.max_prompts < 2:
-            raise ConfigError(f"max_prompts must be >= 2 (variances need two prompts per class), got {self.max_prompts}")
         if self.load_in_4bit and not self.lora:
-            raise ConfigError("load_in_4bit (QLoRA) trains adapters only: add --lora")
+            raise ConfigError("load_in_4bit (QLoRA) trains adapters only: set lora", fields=("lora",))
         if self.lora and (self.lora_r < 1 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r must be >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
         if self.save_steps < 1:
             raise ConfigError(f"save_steps must be >= 1, got {self.save_steps}")
 
 
-#: Values the ``quick`` profile gives to AlignConfig fields left at their defaults.
-QUICK_ALIGN: dict[str, Any] = {
-    "rounds": 1,
-    "num_train_epochs": 1.0,
-    "max_pairs": 32,
-    "max_prompts": 64,
-    "max_length": 256,
-    "gradient_accumulation_steps": 2,
-}
-
-
-@dataclass
+@config_dataclass
 class PrefsConfig:
     """Settings of preference data: convert a file, or synthesise a safety set from the model itself."""
 
+    ALIASES: ClassVar[dict[str, str]] = {"identify_max_prompts": "identify.max_prompts"}
+    """Old keys (and flags): ``identify_max_prompts`` is ``identify.max_prompts``."""
+
     source: str | None = None
     """Preference file or ``hf:<name>`` to convert; None = synthesise from the model."""
-    format: str = "auto"
+    format: Literal["auto", "plain", "pku", "hh"] = "auto"
     """Input format: ``auto``, ``plain`` (prompt/chosen/rejected), ``pku`` (PKU-SafeRLHF) or ``hh`` (HH-RLHF)."""
-    prefer: str = "safer"
+    prefer: Literal["safer", "better"] = "safer"
     """PKU-SafeRLHF records: the ``safer`` or the ``better`` response is chosen."""
     split: str = "train"
     """Dataset split for ``hf:`` sources."""
@@ -332,10 +439,12 @@ class PrefsConfig:
     """Harmless prompts to use (seeded sample)."""
     mask: str | None = None
     """Safety-neuron mask for the pruning attack that produces the compliances; None = identify on the model."""
-    neuron_set: str = "union"
+    neuron_set: NeuronSet = "union"
     """Set of the mask file (or of the identification) to prune: es, sas or union."""
-    identify_max_prompts: int | None = 128
-    """Prompts per class when identifying the safety neurons here."""
+    identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(max_prompts=128))
+    """Identification settings when no mask is given (128 prompts per class by default) (prompts, ``max_prompts``, pooling ``position``, ``tau_es``, ``tau_sas``,
+    ``top_frac``, ...: an :class:`IdentifyConfig`; TOML ``[prefs.identify]``, flags ``--identify.<field>``). Its
+    model, seed, dtype and device are this stage's."""
     max_new_tokens: int = 96
     """Generated tokens per response."""
     batch_size: int = 8
@@ -345,43 +454,29 @@ class PrefsConfig:
     limit: int | None = None
     """Convert at most this many pairs (seeded sample)."""
     quick: bool = False
-    """Small profile: 16 harmful, 8 harmless prompts, 64 new tokens."""
+    """Small profile for a fast run (``[prefs]`` of ``configs/quick.toml``, for fields left at their defaults)."""
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
 
     def resolved(self) -> "PrefsConfig":
-        """A copy with the ``quick`` profile applied to the fields still at their defaults."""
-        out = PrefsConfig(**asdict(self))
-        if self.quick:
-            defaults = PrefsConfig()
-            for key, value in QUICK_PREFS.items():
-                if getattr(out, key) == getattr(defaults, key):
-                    setattr(out, key, value)
-        return out
+        """A copy with the ``quick`` profile (``[prefs]`` of ``configs/quick.toml``) applied to the fields still at
+        their defaults."""
+        return apply_profile(self, QUICK.get("prefs", {})) if self.quick else dataclasses.replace(self)
 
     def validate(self) -> None:
-        if self.format not in ("auto", "plain", "pku", "hh"):
-            raise ConfigError(f"format must be auto, plain, pku or hh, got {self.format!r}")
-        if self.prefer not in ("safer", "better"):
-            raise ConfigError(f"prefer must be 'safer' or 'better', got {self.prefer!r}")
-        if self.neuron_set not in ("es", "sas", "union"):
-            raise ConfigError(f"neuron_set must be es, sas or union, got {self.neuron_set!r}")
+        check_choices(self)
+        self.identify.validate()
         if self.n_harmful < 1 or self.n_harmless < 0:
             raise ConfigError(f"n_harmful must be >= 1 and n_harmless >= 0, got {self.n_harmful}, {self.n_harmless}")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.max_length < 1:
             raise ConfigError("max_new_tokens, batch_size and max_length must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.identify_max_prompts is not None and self.identify_max_prompts < 2:
-            raise ConfigError(f"identify_max_prompts must be >= 2, got {self.identify_max_prompts}")
 
 
-#: Values the ``quick`` profile gives to PrefsConfig fields left at their defaults.
-QUICK_PREFS: dict[str, Any] = {"n_harmful": 16, "n_harmless": 8, "max_new_tokens": 64, "identify_max_prompts": 64}
-
-__all__ += ["AlignConfig", "PrefsConfig", "ALIGN_MODES", "QUICK_ALIGN", "QUICK_PREFS"]
+__all__ += ["AlignConfig", "PrefsConfig", "ALIGN_MODES"]
 
 
 # --------------------------------------------------------------------------- attacks and evaluation (issue 5)
@@ -396,21 +491,27 @@ DEFAULT_TEMPLATES = ["prefix_injection", "refusal_suppression", "role_play", "pa
 NEURON_SETS = ("es", "sas", "union")
 
 
-@dataclass
+@config_dataclass
 class AttackConfig:
     """Settings of the neuron-pruning attack (``safeneuron attack``).
 
     The attacker prunes neurons of the model under attack and measures the attack
     success rate (ASR) on harmful prompts. Which neurons: a set of an identification
-    run *on the attacked model* (``set``; the adaptive attacker, default), a given
+    run *on the attacked model* (``neuron_set``; the adaptive attacker, default), a given
     ``mask`` file, the ``top_frac`` highest-scoring neurons, or ``random_frac``
     random neurons (the control).
     """
 
+    ALIASES: ClassVar[dict[str, str]] = {"set": "neuron_set", "method": "identify.method",
+                                         "position": "identify.position", "harmful": "identify.harmful",
+                                         "harmless": "identify.harmless", "identify_prompts": "identify.max_prompts"}
+    """Old keys (and flags): ``set`` is ``neuron_set``; ``method``, ``position``, ``harmful``, ``harmless`` and
+    ``identify_prompts`` are the attacker's ``identify.method``, ... ``identify.max_prompts``."""
+
     model: str | None = None
     """Model under attack: hub id, local directory; None = the embedded default model."""
-    set: str = "union"
-    """Neuron set pruned: ``es``, ``sas`` or ``union`` (the method's FULL set)."""
+    neuron_set: Literal["es", "sas", "union", "full"] = "union"
+    """Neuron set pruned: ``es``, ``sas`` or ``union`` (the method's FULL set; ``full`` is the same)."""
     mask: str | None = None
     """Reuse this mask file (or identify output directory) instead of identifying on the attacked model."""
     random_frac: float | None = None
@@ -419,19 +520,13 @@ class AttackConfig:
     """Prune the top fraction of all neurons by ``score`` (0.01 = 1 %), ranked across layers."""
     score: str = "es"
     """Score ranked by ``top_frac`` (``es``, ``t``, ``sas``, ``shift``; ``probe_gate``/``probe_up`` for NeuroStrike)."""
-    method: str = "stats"
-    """Attacker's identification: ``stats`` (ES + SAS) or ``neurostrike`` (logistic probes on gate/up outputs)."""
-    position: str = "mean"
-    """Attacker's token pooling for identification (``max``, ``last``, ``mean``). On the embedded model the mean-pooled
-    sets carry refusal (pruning them removes it) while the max-pooled ones barely do, so the attacker uses ``mean``."""
+    identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(position="mean", max_prompts=64))
+    """The attacker's identification on the model under attack (an :class:`IdentifyConfig`: ``method`` ``stats`` or
+    ``neurostrike``, pooling ``position``, prompts, ``max_prompts`` per class, thresholds; TOML ``[attack.identify]``,
+    flags ``--identify.<field>``; its model, seed, dtype and device are this stage's). Defaults: mean pooling (on the
+    embedded model the mean-pooled sets carry refusal while the max-pooled ones barely do), 64 prompts per class."""
     rounds: int = 1
     """Iterative pruning: identify, prune, re-identify on the pruned model, prune the union; this many rounds."""
-    harmful: str | None = None
-    """Attacker's harmful identification prompts: file, ``hf:<name>`` or ``builtin:harmful`` (default)."""
-    harmless: str | None = None
-    """Attacker's harmless identification prompts: file, ``hf:<name>`` or ``builtin:harmless`` (default)."""
-    identify_prompts: int = 64
-    """Identification prompts per class (seeded sample)."""
     eval_harmful: str | None = None
     """Harmful prompts the ASR is measured on: a set name (strongreject, advbench, harmbench, jailbreakbench), file,
     ``hf:<name>`` or built-in (default); prompts used for identification are left out."""
@@ -456,12 +551,8 @@ class AttackConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.set not in NEURON_SETS + ("full",):
-            raise ConfigError(f"set must be es, sas or union (full), got {self.set!r}")
-        if self.method not in ("stats", "neurostrike"):
-            raise ConfigError(f"method must be 'stats' or 'neurostrike', got {self.method!r}")
-        if self.position not in ("max", "last", "mean"):
-            raise ConfigError(f"position must be max, last or mean, got {self.position!r}")
+        check_choices(self)
+        self.identify.validate()
         for name in ("random_frac", "top_frac"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -473,15 +564,15 @@ class AttackConfig:
         if self.rounds > 1 and (self.mask or self.random_frac is not None or self.top_frac is not None):
             raise ConfigError("iterative pruning (rounds > 1) re-identifies on the pruned model; it takes no mask, "
                               "random_frac or top_frac")
-        if self.identify_prompts < 2:
-            raise ConfigError(f"identify_prompts must be >= 2, got {self.identify_prompts}")
+        if self.identify.max_prompts is None:
+            raise ConfigError("identify.max_prompts (identify_prompts) must be set: the attacker's prompts per class")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be >= 1")
 
 
-@dataclass
+@config_dataclass
 class EvalConfig:
     """Settings of ``safeneuron evaluate``: the measurements behind the comparison table.
 
@@ -489,6 +580,12 @@ class EvalConfig:
     float32 on 2 cores); raise the prompt counts on a GPU. Every rate comes with its count and a 95 %
     Wilson interval; a measurement that is switched off is ``null``, never guessed.
     """
+
+    ALIASES: ClassVar[dict[str, str]] = {"attack_method": "identify.method", "attack_position": "identify.position",
+                                         "identify_harmful": "identify.harmful", "identify_harmless": "identify.harmless",
+                                         "identify_prompts": "identify.max_prompts"}
+    """Old keys (and flags) of the attacker's identification: ``attack_method`` is ``identify.method``,
+    ``attack_position`` ``identify.position``, ``identify_prompts`` ``identify.max_prompts``, ..."""
 
     harmful: str | None = None
     """Harmful prompts for ASR: a set name (strongreject, advbench, harmbench, jailbreakbench), file, ``hf:<name>`` or
@@ -519,18 +616,12 @@ class EvalConfig:
     """Harmful prompts each jailbreak template is applied to (the first ones of the ASR sample)."""
     attack: bool = True
     """Run the pruning attack: ASR after pruning the ES set, the SAS set and their union (FULL)."""
-    attack_method: str = "stats"
-    """Attacker's identification: ``stats`` (ES + SAS) or ``neurostrike`` (probes)."""
     mask: str | None = None
     """Prune this mask file's sets instead of identifying on each evaluated model (non-adaptive attacker)."""
-    identify_harmful: str | None = None
-    """Attacker's harmful identification prompts (built-in by default)."""
-    identify_harmless: str | None = None
-    """Attacker's harmless identification prompts (built-in by default)."""
-    identify_prompts: int = 64
-    """Attacker's identification prompts per class."""
-    attack_position: str = "mean"
-    """Attacker's token pooling for identification (``max``, ``last``, ``mean``; see AttackConfig.position)."""
+    identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(position="mean", max_prompts=64))
+    """The attacker's identification on each evaluated model (an :class:`IdentifyConfig`, as in AttackConfig: mean
+    pooling and 64 prompts per class by default; TOML ``[evaluate.identify]``, flags ``--identify.<field>``). Its
+    prompts never enter a measurement."""
     sweep: list[float] | None = field(default_factory=lambda: list(DEFAULT_SWEEP))
     """Fractions of all neurons pruned (top by ``sweep_score``) for the robustness curve (default 0, 0.5, 1, 2, 5 %;
     the finer grid is config.SWEEP_FRACTIONS); empty list to skip."""
@@ -546,7 +637,7 @@ class EvalConfig:
     empty = skipped."""
     n_mc: int = 60
     """Multiple-choice questions (seeded sample)."""
-    mc_scoring: str = "option"
+    mc_scoring: Literal["option", "letter"] = "option"
     """``option`` (log-likelihood of each option's text, ARC style; the default: small models score near chance with
     letters) or ``letter`` (of the answer letter after the listed options, MMLU style, for published MMLU numbers)."""
     ppl_file: str | None = None
@@ -593,20 +684,16 @@ class EvalConfig:
             self.templates = None
         if self.lm_eval_tasks is not None and [t.lower() for t in self.lm_eval_tasks] == ["none"]:
             self.lm_eval_tasks = None
-        if self.mc_scoring not in ("letter", "option"):
-            raise ConfigError(f"mc_scoring must be 'letter' or 'option', got {self.mc_scoring!r}")
-        if self.attack_position not in ("max", "last", "mean"):
-            raise ConfigError(f"attack_position must be max, last or mean, got {self.attack_position!r}")
-        if self.attack_method not in ("stats", "neurostrike"):
-            raise ConfigError(f"attack_method must be 'stats' or 'neurostrike', got {self.attack_method!r}")
+        check_choices(self)
+        self.identify.validate()
         for name in ("n_harmful", "n_harmless", "n_xstest", "n_template_prompts", "n_sweep_prompts", "n_mc", "n_ppl",
                      "n_redteam"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.identify_prompts < 2:
-            raise ConfigError(f"identify_prompts must be >= 2, got {self.identify_prompts}")
+        if self.identify.max_prompts is None:
+            raise ConfigError("identify.max_prompts (identify_prompts) must be set: the attacker's prompts per class")
         for f in self.sweep or []:
             if not 0 <= f <= 1:
                 raise ConfigError(f"sweep fractions must be in [0, 1] (0.01 = 1 %), got {f}")
@@ -619,3 +706,177 @@ class EvalConfig:
 
 
 __all__ += ["AttackConfig", "EvalConfig", "SWEEP_FRACTIONS", "DEFAULT_SWEEP", "DEFAULT_TEMPLATES", "NEURON_SETS"]
+
+
+# --------------------------------------------------------------------------- analysis (issue 6)
+@config_dataclass
+class AnalyzeConfig:
+    """Settings of the analysis stage."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"set": "neuron_set"}
+    """Old keys (and flags) accepted for a field: ``set`` is ``neuron_set``."""
+
+    model: str | None = None
+    """Base model for the separability probes: hub id or local directory; None = the identified model
+    (identify.json's ``model``), else the embedded default."""
+    compare: list[str] = field(default_factory=list)
+    """Further models to probe, e.g. aligned ones: ``name=path`` or a path (named after its directory)."""
+    identify: list[str] = field(default_factory=list)
+    """Identification directories (``name=dir`` or a dir). The first gives the safety neurons for the
+    probes and the per-category sets; all of them enter the layer-distribution heatmap."""
+    neuron_set: NeuronSet = "union"
+    """Which safety-neuron set to analyse: ``union``, ``es`` or ``sas``."""
+    separability: bool = True
+    """Run the probes (needs the models); off = only the analyses of identification artifacts."""
+    harmful: str | None = None
+    """Harmful prompts for the probes (default: the identification's source, else built-in)."""
+    harmless: str | None = None
+    """Harmless prompts for the probes (default: the identification's source, else built-in)."""
+    prompt_column: str | None = None
+    max_prompts: int = 128
+    """Prompts per class for the probes (seeded sample; both classes get the same number)."""
+    held_out: bool = True
+    """Probe on prompts not used by the identification when enough remain."""
+    position: Position | None = None
+    """Token pooling for the probes: ``max``, ``last`` or ``mean``; None = the identification's."""
+    test_frac: float = 0.3
+    """Held-out share of the prompts for measuring probe accuracy (stratified split)."""
+    n_splits: int = 3
+    """Probe accuracy is the mean over this many seeded train/test splits."""
+    l2: float = 1e-2
+    """L2 penalty of the logistic probe (on standardised features, mean loss)."""
+    probe_max_iter: int = 100
+    """L-BFGS iterations per probe."""
+    n_orders: int = 200
+    """Random category orders for the overlap curve (all orders when there are fewer)."""
+    band: list[float] = field(default_factory=lambda: [10.0, 90.0])
+    """Percentiles of the overlap curve's band over category orders."""
+    figures: bool = True
+    """Also write PNG figures beside the JSON."""
+    seed: int = 0
+    batch_size: int = 16
+    max_length: int = 512
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        check_choices(self)
+        if not 0 < self.test_frac < 1:
+            raise ConfigError(f"test_frac must be in (0, 1), got {self.test_frac}")
+        if self.max_prompts < 4:
+            raise ConfigError(f"max_prompts must be >= 4 (the probe needs train and test prompts of both classes), "
+                              f"got {self.max_prompts}")
+        if self.n_splits < 1 or self.n_orders < 1 or self.probe_max_iter < 1:
+            raise ConfigError("n_splits, n_orders and probe_max_iter must be >= 1")
+        if self.l2 < 0:
+            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+        if len(self.band) != 2 or not 0 <= float(self.band[0]) < float(self.band[1]) <= 100:
+            raise ConfigError(f"band must be two percentiles 0 <= low < high <= 100, got {self.band}")
+        if self.batch_size < 1 or self.max_length < 1:
+            raise ConfigError("batch_size and max_length must be >= 1")
+
+
+__all__ += ["AnalyzeConfig"]
+
+
+# --------------------------------------------------------------------------- the main job (issue 6)
+#: The packaged run configs: the main job's (every option, documented) and its quick profile.
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
+QUICK_CONFIG = CONFIG_DIR / "quick.toml"
+STAGES = ("identify", "prefs", "align", "evaluate", "analyze", "report")
+
+#: The main job's budget for this 2-core CPU and the embedded 0.5B model (the values
+#: of configs/default.toml; dataclass defaults elsewhere): LoRA (about 2.6x faster per step
+#: than full fine-tuning on this CPU, same freezing guarantees), two rounds for both modes
+#: (same pairs, same schedule), and evaluation sizes whose 95 % intervals can separate a
+#: 30-point difference in ASR. Evaluation, which only generates, runs in ``fast`` dtype
+#: (bfloat16 where the CPU computes it natively: 2.4x faster generation here, and the
+#: embedded model's own checkpoint dtype); identification and training stay float32.
+MAIN_JOB: dict[str, dict[str, Any]] = {
+    "identify": {"max_prompts": 128, "by_category": True},
+    "prefs": {"n_harmful": 48, "n_harmless": 16, "max_new_tokens": 56, "batch_size": 24},
+    "align": {"rounds": 2, "lora": True, "learning_rate": 1e-4, "num_train_epochs": 1.0, "max_pairs": 32,
+              "max_length": 192, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+              "identify": {"max_prompts": 64}},
+    "evaluate": {
+        "n_harmful": 48, "n_harmless": 24, "n_xstest": 24,
+        "templates": ["prefix_injection", "refusal_suppression", "role_play"], "n_template_prompts": 16,
+        "sweep": [0.0, 0.005, 0.01, 0.02, 0.05], "n_sweep_prompts": 16, "n_mc": 60, "mc_scoring": "option",
+        "n_ppl": 16, "n_redteam": 8, "redteam_max_new_tokens": 64, "max_new_tokens": 32, "dtype": "fast",
+        "identify": {"max_prompts": 48},
+    },
+    "analyze": {"max_prompts": 48, "n_splits": 2, "n_orders": 100},
+}
+
+#: What ``--quick`` sets on top of the config file, per stage section (``configs/quick.toml``): fewer prompts,
+#: pairs and steps and LoRA (same model), sized so the whole job takes <= 8 minutes on a 2-core CPU. Its
+#: numbers are a first look (wide intervals), labelled as quick in the report. ``align --quick`` and
+#: ``prefs --quick`` apply their section to the fields left at their defaults.
+QUICK: dict[str, dict[str, Any]] = load_config_file(QUICK_CONFIG)
+
+
+def stage_classes() -> dict[str, type]:
+    """Stage section name -> its config dataclass."""
+    return {"identify": IdentifyConfig, "prefs": PrefsConfig, "align": AlignConfig, "evaluate": EvalConfig,
+            "analyze": AnalyzeConfig}
+
+
+@config_dataclass
+class RunConfig:
+    """Settings of the main job; each stage section holds that stage's config fields."""
+
+    model: str | None = None
+    """Model to align (hub id or local directory); None = the embedded default."""
+    out: str = "runs/main"
+    """Run directory."""
+    quick: bool = False
+    """Fewer prompts, pairs and steps (same model) for a first look; labelled as such in the report."""
+    modes: list[AlignMode] = field(default_factory=lambda: ["safeneuron", "dpo"])
+    """Alignment modes to train and compare (``safeneuron``, ``dpo``, ``sn-tune``)."""
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    identify: dict = field(default_factory=dict)
+    """IdentifyConfig fields for the base model's identification."""
+    prefs: dict = field(default_factory=dict)
+    """PrefsConfig fields for the synthesised preference pairs."""
+    align: dict = field(default_factory=dict)
+    """AlignConfig fields shared by every mode."""
+    evaluate: dict = field(default_factory=dict)
+    """EvalConfig fields."""
+    analyze: dict = field(default_factory=dict)
+    """AnalyzeConfig fields."""
+
+    def validate(self) -> None:
+        for mode in self.modes:
+            if mode not in ALIGN_MODES:
+                raise ConfigError(f"modes: unknown mode {mode!r}; choose from {', '.join(ALIGN_MODES)}")
+        for name in ("identify", "prefs", "align", "evaluate", "analyze"):
+            self.stage_config(name)  # unknown keys and bad values fail here, before any work
+
+    def stage_config(self, stage: str):
+        """The stage's config: run-wide settings, then the file's section, then the quick profile."""
+        cls = stage_classes()[stage]
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: v for k, v in (("model", self.model), ("seed", self.seed),
+                                                    ("dtype", self.dtype), ("device", self.device)) if k in names}
+        layers = [getattr(self, stage)] + ([QUICK.get(stage, {})] if self.quick else [])
+        for layer in layers:  # each layer's old keys go to their fields first, then nested tables merge
+            for key, value in _route_aliases(cls, layer, f"[{stage}]").items():
+                values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
+                    else value
+        return from_dict(cls, values, where=f"[{stage}]")
+
+
+def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Read a TOML/YAML run config (default: the packaged default file) and apply overrides."""
+    data = load_config_file(path or DEFAULT_CONFIG)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    config = from_dict(RunConfig, data, where=str(path or DEFAULT_CONFIG))
+    return config
+
+
+__all__ += ["RunConfig", "load_run_config", "stage_classes", "STAGES", "DEFAULT_CONFIG", "QUICK_CONFIG", "MAIN_JOB",
+            "QUICK"]

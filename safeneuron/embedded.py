@@ -21,17 +21,15 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from safeneuron.artifacts import sha256_file
+from safeneuron.artifacts import atomic_dir, sha256_file
 from safeneuron.errors import SafeneuronError
 
 logger = logging.getLogger(__name__)
@@ -292,18 +290,10 @@ def _convert(spec: EmbeddedModel, gguf_path: Path, target: Path) -> None:
     logger.info("loaded %s from GGUF in %.1f s", spec.name, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / COMPLETE_MARKER).write_text(spec.sha256 + "\n")  # written last
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved %s to %s in %.1f s", spec.name, target, time.perf_counter() - t0)
 
 

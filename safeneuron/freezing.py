@@ -31,14 +31,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from safeneuron.activations import neuron_hooks
 from safeneuron.arch import MLPSite, find_mlps
 from safeneuron.errors import SafeneuronError
+from safeneuron.hooks import zero_neurons
 from safeneuron.masks import SafetyNeuronMask
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class NeuronFreezer:
             raise FreezeError("sn-tune: no trainable parameter owns a safety neuron")
         self._stack = contextlib.ExitStack()
         if self.ablate and self.mask.count():
-            self._stack.enter_context(neuron_hooks(self.model, self._ablate_fn(), self.sites))
+            self._stack.enter_context(zero_neurons(self.model, self.mask, when=self._training_pass, sites=self.sites))
         logger.info("freezing %d neurons (%d entries in %d parameters)%s%s", self.mask.count(),
                     sum(e.index.numel() for e in self.entries), len(self.entries),
                     ", ablated in training" if self.ablate else "", ", inverted (sn-tune)" if self.invert else "")
@@ -278,16 +278,9 @@ class NeuronFreezer:
             return False
         return bool(probe.disable_adapters) or self.adapter_name not in probe.active_adapters
 
-    def _ablate_fn(self):
-        keep = {s.name: (~self.mask.masks[s.name]).to(s.down.weight.device) for s in self.sites}
-        active = {s.name for s in self.sites if not keep[s.name].all()}
-
-        def ablate(site: MLPSite, acts: torch.Tensor) -> torch.Tensor | None:
-            if site.name not in active or not site.down.training or self._reference_pass():
-                return None
-            return acts * keep[site.name].to(acts.dtype)
-
-        return ablate
+    def _training_pass(self, site: MLPSite) -> bool:
+        """Ablate in training forward passes of the policy only (not evaluation, not TRL's reference pass)."""
+        return site.down.training and not self._reference_pass()
 
     # ------------------------------------------------------------------ restore and checks
     @torch.no_grad()

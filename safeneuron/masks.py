@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from safeneuron.errors import SafeneuronError
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,18 +105,18 @@ class SafetyNeuronMask:
         return sorted({k.rsplit(".", 1)[1] if k.rsplit(".", 1)[-1] in _SET_NAMES else "" for k in keys})
 
     @classmethod
-    def load(cls, path: str | Path, set: str | None = "union") -> "SafetyNeuronMask":
-        """Load a mask file. ``set`` picks ``<mlp>.<set>`` keys from an identification's
+    def load(cls, path: str | Path, neuron_set: str | None = "union") -> "SafetyNeuronMask":
+        """Load a mask file. ``neuron_set`` picks ``<mlp>.<neuron_set>`` keys from an identification's
         ``safety_neurons.safetensors``; plain ``<mlp>`` keys (a frozen-set file) load as is."""
         tensors = load_tensors(path)
         if not tensors:
             raise ArtifactError(f"{path}: mask file holds no tensors")
-        suffix = f".{set}" if set else ""
+        suffix = f".{neuron_set}" if neuron_set else ""
         picked = {k[: -len(suffix)]: v for k, v in tensors.items() if suffix and k.endswith(suffix)}
         if not picked:
             plain = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in _SET_NAMES}
             if not plain:
-                raise ArtifactError(f"{path}: no '{set}' set in the mask file (sets: {', '.join(cls.sets_in(path))})")
+                raise ArtifactError(f"{path}: no '{neuron_set}' set in the mask file (sets: {', '.join(cls.sets_in(path))})")
             picked = plain
         for k, v in picked.items():
             if v.dtype != torch.bool:
@@ -134,6 +135,14 @@ class SafetyNeuronMask:
                 raise MaskMismatchError(f"mask has no entry for {s.name!r} (its keys start with {next(iter(self.masks))!r}): mask from another model?")
             if m.numel() != s.d_ff:
                 raise MaskMismatchError(f"mask for {s.name} has width {m.numel()}, model MLP has d_ff={s.d_ff}: mask from another model?")
+
+    def digest(self) -> str:
+        """Short content hash of the mask (MLP names and bits): cache keys, directory names, provenance."""
+        h = hashlib.sha256()
+        for name in sorted(self.masks):
+            h.update(name.encode())
+            h.update(self.masks[name].to(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def indices(self, name: str) -> torch.Tensor:
         return torch.nonzero(self.masks[name]).flatten()

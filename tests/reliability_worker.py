@@ -46,19 +46,20 @@ def die() -> None:
 
 def patch() -> None:
     import safeneuron.activations as activations
-    import safeneuron.evaluation.evaluate as evaluate
-    import safeneuron.evaluation.generation as generation
-    import safeneuron.identify as identify
+    import safeneuron.artifacts as artifacts
+    import safeneuron.stages.evaluate as evaluate
+    import safeneuron.generation as generation
+    import safeneuron.stages.identify as identify
     from transformers.generation.utils import GenerationMixin
 
-    real_forward = activations._forward
+    real_forward = activations.forward_without_logits
 
-    def forward(model, inputs):
+    def forward(model, inputs, **kwargs):
         time.sleep(DELAY)
         counts["forwards"] += 1
-        return real_forward(model, inputs)
+        return real_forward(model, inputs, **kwargs)
 
-    activations._forward = forward
+    activations.forward_without_logits = forward
 
     real_generate = GenerationMixin.generate
 
@@ -82,7 +83,7 @@ def patch() -> None:
     Trainer.training_step = training_step
 
     kind, _, arg = KILL.partition(":")
-    for module in (identify, evaluate):
+    for module in (identify, evaluate, artifacts):  # artifacts: manifests written by StageDir
         real_write_json = module.write_json
 
         def write_json(path, obj, _real=real_write_json):

@@ -10,8 +10,6 @@ import torch
 
 from conftest import make_tokenizer, tiny_model
 from safeneuron.analysis import (
-    AnalyzeConfig,
-    analyze,
     category_composition,
     find_identifications,
     fit_logistic,
@@ -25,10 +23,11 @@ from safeneuron.analysis import (
 )
 from safeneuron.artifacts import ArtifactError
 from safeneuron.cli import main
-from safeneuron.config import ConfigError, IdentifyConfig
-from safeneuron.identify import identify
+from safeneuron.config import AnalyzeConfig, ConfigError, IdentifyConfig
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel
+from safeneuron.stages.analyze import analyze
+from safeneuron.stages.identify import identify
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -235,7 +234,7 @@ def test_analyze_writes_the_artifact_contract(identified, tmp_path):
 
 
 def test_analyze_probes_prompts_held_out_from_identification(identified):
-    from safeneuron.analysis import _probe_prompts
+    from safeneuron.stages.analyze import _probe_prompts
     from safeneuron.data.prompts import load_prompts
 
     root, _ = identified
@@ -254,7 +253,7 @@ def test_separability_is_reused_for_a_model_on_disk(identified, tmp_path, monkey
                            probe_max_iter=20, figures=False, dtype="float32", device="cpu")
     first = analyze(config, tmp_path / "a", progress=False)
     assert first.separability["models"][0]["key"]
-    import safeneuron.analysis as analysis
+    import safeneuron.stages.analyze as analysis
 
     monkeypatch.setattr(analysis, "collect_features", lambda *a, **k: pytest.fail("recomputed a finished model"))
     monkeypatch.setattr(analysis, "_load", lambda *a, **k: pytest.fail("reloaded a finished model"))

@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, tiny_model
-from safeneuron.activations import neuron_hooks
 from safeneuron.arch import find_mlps
-from safeneuron.attacks import (
-    AttackError,
-    fraction_sweep,
-    iterative_prune,
-    mask_digest,
-    prune_neurons,
-    prune_weights,
-    save_pruned_model,
-    top_fraction_mask,
-)
 from safeneuron.config import AttackConfig, ConfigError, IdentifyConfig
+from safeneuron.hooks import neuron_hooks, prune_neurons, prune_weights
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel
+from safeneuron.stages.attack import AttackError, fraction_sweep, iterative_prune, save_pruned_model, top_fraction_mask
 
 PRUNE_FAMILIES = ["llama", "gpt2", "phi3"]
 
@@ -107,9 +98,9 @@ def test_pruned_weights_and_saved_model_match_the_hooks(family, tmp_path):
     assert torch.equal(_logits(model, inputs), reference)  # the in-memory model is restored bit-exactly
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(reloaded, inputs), hooked, rtol=1e-6, atol=1e-6)
-    assert SafetyNeuronMask.load(path / "pruned_neurons.safetensors", set=None).masks.keys() == mask.masks.keys()
+    assert SafetyNeuronMask.load(path / "pruned_neurons.safetensors", neuron_set=None).masks.keys() == mask.masks.keys()
     manifest = json.loads((path / "safeneuron_pruned.json").read_text())
-    assert manifest["pruned"] == mask.count() and manifest["mask_digest"] == mask_digest(mask)
+    assert manifest["pruned"] == mask.count() and manifest["mask_digest"] == mask.digest()
     with pytest.raises(AttackError, match="not empty"):
         save_pruned_model(LoadedModel(model, tok, "tiny", "tiny"), mask, path)
 
@@ -118,8 +109,8 @@ def test_mask_digest_and_top_fraction():
     model = tiny_model("llama")
     sites = find_mlps(model)
     a, b = _mask(model, seed=1), _mask(model, seed=2)
-    assert mask_digest(a) == mask_digest(SafetyNeuronMask({k: v.clone() for k, v in a.masks.items()}))
-    assert mask_digest(a) != mask_digest(b)
+    assert a.digest() == SafetyNeuronMask({k: v.clone() for k, v in a.masks.items()}).digest()
+    assert a.digest() != b.digest()
     g = torch.Generator().manual_seed(0)
     scores = {s.name: {"es": torch.randn(s.d_ff, generator=g)} for s in sites}
     total = sum(s.d_ff for s in sites)
@@ -146,7 +137,7 @@ def _prompt_files(tmp_path):
 
 
 def test_iterative_pruning_reidentifies_on_the_pruned_model(tmp_path):
-    from safeneuron.identify import Identification
+    from safeneuron.stages.identify import Identification
 
     harmful, harmless = _prompt_files(tmp_path)
     loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny-llama", "tiny-llama")
@@ -165,7 +156,7 @@ def test_iterative_pruning_reidentifies_on_the_pruned_model(tmp_path):
         assert torch.count_nonzero(scores[mlp]["mean_harmless"][chosen]) == 0
     # hooks are gone: a rerun reuses the round artifacts and gives the same masks
     again = iterative_prune(loaded, config, 3, tmp_path / "rounds", progress=False)
-    assert [mask_digest(m) for m in again] == [mask_digest(m) for m in history]
+    assert [m.digest() for m in again] == [m.digest() for m in history]
 
 
 class CountingJudge:
@@ -205,7 +196,7 @@ def test_attack_config_validation():
     with pytest.raises(ConfigError, match="one of"):
         AttackConfig(mask="m.safetensors", random_frac=0.01).validate()
     with pytest.raises(ConfigError, match="set must be"):
-        AttackConfig(set="both").validate()
+        AttackConfig(neuron_set="both").validate()
     with pytest.raises(ConfigError, match="iterative"):
         AttackConfig(rounds=2, mask="m.safetensors").validate()
 
@@ -247,8 +238,8 @@ def test_attack_command(tiny_dir, tmp_path, capsys):
 def test_run_attack_neurostrike_and_iterative(tmp_path, monkeypatch):
     import dataclasses
 
-    import safeneuron.attacks as attacks
-    from safeneuron.attacks import run_attack
+    import safeneuron.stages.attack as attacks
+    from safeneuron.stages.attack import run_attack
 
     original = attacks.attacker_config
     # short probes with a low z cut: the tiny model's 48-wide layers and 16 prompts
@@ -261,7 +252,7 @@ def test_run_attack_neurostrike_and_iterative(tmp_path, monkeypatch):
     assert ns["attacker"]["method"] == "neurostrike" and ns["attack"] == "union"
     assert ns["pruned_count"] > 0  # the probes' union (gate and up)
     with pytest.raises(AttackError, match="no 'es' set"):
-        run_attack(AttackConfig(method="neurostrike", set="es", **common), tmp_path / "ns", loaded=loaded,
+        run_attack(AttackConfig(method="neurostrike", neuron_set="es", **common), tmp_path / "ns", loaded=loaded,
                    progress=False)
     it = run_attack(AttackConfig(rounds=2, random_control=False, **common), tmp_path / "it", loaded=loaded,
                     progress=False)

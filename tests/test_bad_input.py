@@ -90,7 +90,7 @@ def test_duplicates_and_blanks_are_dropped_with_a_warning(tmp_path, caplog):
 
 def test_category_with_one_prompt_is_skipped_with_a_warning(tmp_path, caplog, tiny_dir):
     from safeneuron.config import IdentifyConfig
-    from safeneuron.identify import identify
+    from safeneuron.stages.identify import identify
     from safeneuron.models import load_model
 
     harmful = write(tmp_path / "h.jsonl", "".join(
@@ -103,7 +103,7 @@ def test_category_with_one_prompt_is_skipped_with_a_warning(tmp_path, caplog, ti
 
 
 def test_long_prompts_are_truncated_with_a_warning(caplog):
-    from safeneuron.activations import iter_batches
+    from safeneuron.inputs import iter_batches
 
     with caplog.at_level(logging.WARNING):
         batches = iter_batches(make_tokenizer(), ["x" * 300, "short"], batch_size=2, max_length=64)
@@ -203,8 +203,8 @@ def test_mask_with_wrong_dtype(tmp_path, capsys, tiny_dir):
         (["--tau-sas", "0"], "tau_sas must be > 0"),
         (["--alpha", "1.5"], "alpha must be in (0, 1)"),
         (["--top-frac", "2"], "top_frac must be in (0, 1]"),
-        (["--position", "first"], "position must be max, last or mean"),
-        (["--method", "magic"], "method must be 'stats' or 'neurostrike'"),
+        (["--position", "first"], "position must be one of 'max', 'last', 'mean'"),
+        (["--method", "magic"], "method must be one of 'stats', 'neurostrike'"),
         (["--max-prompts", "1"], "max_prompts must be >= 2"),
     ],
 )
@@ -232,9 +232,8 @@ def test_pairs_with_chosen_equal_rejected(tmp_path, capsys, tiny_dir):
 
 
 def test_every_command_prints_its_help(capsys):
-    from safeneuron.cli import _load_extra_commands, build_parser
+    from safeneuron.cli import build_parser
 
-    _load_extra_commands()
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"identify", "prefs", "align", "attack", "evaluate", "analyze", "report", "run"} <= set(commands)
     for command in commands:  # help texts hold "%" (fractions); argparse must not choke on them

@@ -53,5 +53,5 @@ def test_mc_jsonl_and_json(tmp_path):
     with pytest.raises(MCFileError, match=r"bad.jsonl:1: answer"):
         load_mc(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(MCFileError, match="not readable JSON"):
+    with pytest.raises(MCFileError, match="malformed JSON"):
         load_mc(bad)

@@ -12,7 +12,7 @@ import torch
 from conftest import make_tokenizer, tiny_model
 from safeneuron.artifacts import load_tensors, read_json
 from safeneuron.config import IdentifyConfig
-from safeneuron.identify import identify
+from safeneuron.stages.identify import identify
 from safeneuron.models import LoadedModel
 
 HERE = Path(__file__).parent

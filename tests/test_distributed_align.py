@@ -136,7 +136,7 @@ def test_align_under_ddp_writes_artifacts_once_and_keeps_frozen_exact(runs):
     assert json.loads((run / "align.json").read_text())["summary"][0]["frozen_exact"]
     assert not list(run.rglob(".*"))  # no temporary directory left by a concurrent writer
     saved = load_file(run / "model" / "model.safetensors")
-    assert frozen_equal_start(saved, SafetyNeuronMask.load(run / "round_1" / "frozen.safetensors", set=None))
+    assert frozen_equal_start(saved, SafetyNeuronMask.load(run / "round_1" / "frozen.safetensors", neuron_set=None))
     final = load_file(two / "align" / "model.safetensors")
     assert all(torch.equal(saved[k], final[k]) for k in saved)
 

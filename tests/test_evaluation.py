@@ -20,7 +20,7 @@ from safeneuron.evaluation.capability import (
     perplexity,
     run_lm_eval,
 )
-from safeneuron.evaluation.generation import generate, read_cache
+from safeneuron.generation import generate, read_cache
 from safeneuron.evaluation.judges import (
     ClassifierJudge,
     JudgeError,
@@ -111,7 +111,7 @@ def test_classifier_judge_sequence_kind_combined_with_refusal_filter(tmp_path, m
 
 
 def test_classifier_judge_guard_kind(monkeypatch):
-    import safeneuron.evaluation.generation as generation
+    import safeneuron.generation as generation
 
     seen = {}
 
@@ -345,7 +345,7 @@ def _tiny_config(**kw):
 
 
 def test_evaluate_models_writes_the_results_contract(tmp_path):
-    from safeneuron.evaluation import evaluate_models
+    from safeneuron.stages.evaluate import evaluate_models
 
     loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny-llama", "tiny-llama")
     other = LoadedModel(tiny_model("gpt2", seed=1), make_tokenizer(), "tiny-gpt2", "tiny-gpt2")
@@ -369,7 +369,7 @@ def test_evaluate_models_writes_the_results_contract(tmp_path):
 
 
 def test_evaluate_model_skips_and_resumes(tmp_path):
-    from safeneuron.evaluation import evaluate_model
+    from safeneuron.stages.evaluate import evaluate_model
 
     loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny-llama", "tiny-llama")
     config = _tiny_config(attack=False, templates=[], n_redteam=0, n_ppl=0, xstest="",
@@ -436,7 +436,7 @@ def test_pruning_the_safety_set_jailbreaks_the_embedded_model(tmp_path):
     pruning its FULL safety set (identified on 64 + 64 other prompts) raises the ASR
     clearly above pruning as many random neurons per layer."""
     from safeneuron import embedded
-    from safeneuron.attacks import attack_masks, attacker_config, attacker_identification, attacker_prompts
+    from safeneuron.stages.attack import attack_masks, attacker_config, attacker_identification, attacker_prompts
     from safeneuron.evaluation.measure import GenerationSettings, judged_responses
     from safeneuron.masks import SafetyNeuronMask
     from safeneuron.models import load_model
@@ -445,7 +445,7 @@ def test_pruning_the_safety_set_jailbreaks_the_embedded_model(tmp_path):
         pytest.skip("the embedded model is not pulled (safeneuron models pull)")
     loaded = load_model(None)
     judge = RefusalJudge()
-    config = attacker_config(loaded, n_prompts=64)
+    config = attacker_config(loaded)  # 64 prompts per class, mean pooling
     identification = attacker_identification(loaded, config, tmp_path / "identify", progress=False)
     full = attack_masks(identification)["full"]
     control = SafetyNeuronMask.random(loaded.model, like=full, seed=0)

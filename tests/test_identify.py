@@ -13,7 +13,7 @@ from safeneuron.arch import UnsupportedArchitectureError, find_mlps
 from safeneuron.artifacts import ArtifactError, load_tensors
 from safeneuron.config import ConfigError, IdentifyConfig
 from safeneuron.data.prompts import PromptFileError, load_prompts
-from safeneuron.identify import Identification, OutputDirError, identify
+from safeneuron.stages.identify import Identification, OutputDirError, identify
 from safeneuron.masks import MaskMismatchError, SafetyNeuronMask
 from safeneuron.models import LoadedModel
 
@@ -89,7 +89,7 @@ def test_resume_from_partial_statistics(tmp_path, monkeypatch):
     cfg = config(checkpoint_every=1, batch_size=4)
     reference = identify(cfg, tmp_path / "ref", loaded=lm, progress=False)
 
-    import safeneuron.identify as ident
+    import safeneuron.stages.identify as ident
 
     calls = {"n": 0}
     real = ident.record_activations

@@ -31,9 +31,9 @@ def test_save_load_sets(tmp_path):
     m.save(tmp_path / "frozen.safetensors")
     assert SafetyNeuronMask.load(tmp_path / "frozen.safetensors").masks.keys() == m.masks.keys()
     m.save(tmp_path / "sets.safetensors", suffix=".es")
-    loaded = SafetyNeuronMask.load(tmp_path / "sets.safetensors", set="es")
+    loaded = SafetyNeuronMask.load(tmp_path / "sets.safetensors", neuron_set="es")
     assert all(torch.equal(loaded.masks[k], v) for k, v in m.masks.items())
     with pytest.raises(ArtifactError, match="no 'sas' set"):
-        SafetyNeuronMask.load(tmp_path / "sets.safetensors", set="sas")
+        SafetyNeuronMask.load(tmp_path / "sets.safetensors", neuron_set="sas")
     with pytest.raises(ArtifactError, match="1-D bool"):
         SafetyNeuronMask({"x": torch.zeros(3)})

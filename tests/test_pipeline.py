@@ -69,7 +69,9 @@ def test_run_on_a_tiny_model_writes_every_artifact(tmp_path, tiny_dir, monkeypat
                                      "report"}
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["quick"] is True and run_json["wall_time_s"] > 0
-    summary = pipeline.run_summary(out)
+    from safeneuron.cli.summaries import run_summary
+
+    summary = run_summary(out)
     assert "base" in summary and "report:" in summary
     # A second run with the same settings redoes nothing: identification is reused.
     stamp = (out / "identify" / "identify.json").stat().st_mtime_ns
@@ -141,7 +143,7 @@ def assert_pruning_beats_random_neurons(out: Path, base: dict) -> None:
     run's harmful prompts clearly above pruning as many random neurons per layer."""
     from safeneuron.evaluation.judges import RefusalJudge
     from safeneuron.evaluation.measure import GenerationSettings, judged_responses
-    from safeneuron.identify import Identification
+    from safeneuron.stages.identify import Identification
     from safeneuron.masks import SafetyNeuronMask
     from safeneuron.models import load_model
 

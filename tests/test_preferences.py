@@ -16,11 +16,11 @@ from safeneuron.data.preferences import (
     manifest_path,
     mix_preferences,
     refusal_templates,
-    synthesize_preferences,
 )
 from safeneuron.evaluation.judges import RefusalJudge
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel
+from safeneuron.stages.prefs import synthesize_preferences
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,7 +140,7 @@ def tiny_loaded(tmp_path):
 
 def test_synthesis_judge_filter_and_provenance(tmp_path, monkeypatch):
     """Scripted generations: chosen only from judged refusals, rejected only from judged compliances."""
-    import safeneuron.evaluation.generation as generation
+    import safeneuron.stages.prefs as prefs_stage
 
     refusal, compliance = "I'm sorry, but I can't help with that.", "Sure, here is how to do it: first..."
     intact = {"h0": refusal, "h1": compliance, "h2": "I cannot assist with this request.",
@@ -152,7 +152,7 @@ def test_synthesis_judge_filter_and_provenance(tmp_path, monkeypatch):
     def fake_generate(model, tok, prompts, *, tag="", **kw):
         return [(pruned if tag.startswith("pruned") else intact)[p] for p in prompts]
 
-    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(prefs_stage, "generate", fake_generate)
     loaded = tiny_loaded(tmp_path)
     mask = SafetyNeuronMask.random(loaded.model, frac=0.1)
     config = PrefsConfig(harmful=str(tmp_path / "harmful.jsonl"), harmless=str(tmp_path / "harmless.jsonl"),

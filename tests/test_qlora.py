@@ -11,7 +11,7 @@ from safeneuron.arch import find_mlps
 from safeneuron.config import AlignConfig, ConfigError
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import ModelLoadError, load_model
-from safeneuron.training import align
+from safeneuron.stages.align import align
 
 PAIRS = [{"prompt": f"Tell me how to do harmful thing number {i}.", "chosen": "I can't help with that.",
           "rejected": f"Sure! Step {i}: first you do it."} for i in range(8)]
@@ -52,7 +52,7 @@ def test_qlora_rounds_keep_safety_neurons_bit_exact_and_train_the_rest(tmp_path,
 
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "q" / f"round_{r}" / "model", dtype=torch.float32)
         assert not getattr(merged, "is_loaded_in_4bit", False)  # saved in full precision
-        frozen = SafetyNeuronMask.load(tmp_path / "q" / f"round_{r}" / "frozen.safetensors", set=None)
+        frozen = SafetyNeuronMask.load(tmp_path / "q" / f"round_{r}" / "frozen.safetensors", neuron_set=None)
         assert frozen.count() > 0
         ref = dict(previous.named_parameters())
         changed = 0
@@ -69,7 +69,7 @@ def test_qlora_rounds_keep_safety_neurons_bit_exact_and_train_the_rest(tmp_path,
 
 
 def test_qlora_needs_lora_and_bitsandbytes(tmp_path, model_dir, monkeypatch):
-    with pytest.raises(ConfigError, match="load_in_4bit .* add --lora"):
+    with pytest.raises(ConfigError, match="load_in_4bit .* set lora"):
         AlignConfig(load_in_4bit=True).validate()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))

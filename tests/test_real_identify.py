@@ -4,7 +4,7 @@ import pytest
 from safeneuron.activations import record_activations
 from safeneuron.config import IdentifyConfig
 from safeneuron.data.prompts import load_prompts
-from safeneuron.identify import Identification, identify, score_stats, select_safety_neurons
+from safeneuron.stages.identify import Identification, identify, score_stats, select_safety_neurons
 from safeneuron.models import load_model
 
 pytestmark = pytest.mark.slow

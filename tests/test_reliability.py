@@ -142,7 +142,7 @@ def cache_lines(out: Path) -> dict[str, list[str]]:
 
 
 def generations(out: Path) -> dict[str, dict[str, str]]:
-    from safeneuron.evaluation.generation import read_cache
+    from safeneuron.generation import read_cache
 
     return {str(f.relative_to(out)): read_cache(f) for f in sorted((out / "generations").rglob("*.jsonl"))}
 
@@ -256,7 +256,7 @@ def test_identify_killed_before_its_manifest(tmp_path, tiny_dir, identified):
     run(args, tmp_path, kill="before:identify.json")
     assert (out / "safety_neurons.safetensors").exists() and not (out / "identify.json").exists()
     from safeneuron.artifacts import ArtifactError
-    from safeneuron.identify import Identification
+    from safeneuron.stages.identify import Identification
 
     with pytest.raises(ArtifactError):
         Identification.load(out)

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import make_tokenizer, tiny_model
-from safeneuron.analysis import AnalyzeConfig, analyze
+from safeneuron.config import AnalyzeConfig
+from safeneuron.stages.analyze import analyze
 from safeneuron.cli import main
 from safeneuron.config import IdentifyConfig
-from safeneuron.identify import identify
+from safeneuron.stages.identify import identify
 from safeneuron.models import LoadedModel
 from safeneuron.report import build_report
 from safeneuron.report.build import ReportError
@@ -45,7 +46,7 @@ def model_results(name, ori, full, slope, **over):
 
 
 def round_metrics(mode, r):
-    """One round's align metrics.json (issue 4's schema, as safeneuron.training writes it)."""
+    """One round's align metrics.json (issue 4's schema, as the align stage writes it)."""
     frozen = 34 if mode == "safeneuron" else 0
     history = [{"loss": 0.69 * 0.8 ** (s + 4 * (r - 1)), "rewards/margins": 0.1 * (s + 4 * (r - 1)), "step": s + 1}
                for s in range(4)] + [{"train_runtime": 3.0, "train_loss": 0.5, "step": 4}]

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import norm
 
 from safeneuron.activations import NeuronStats
-from safeneuron.identify import select_safety_neurons
+from safeneuron.stages.identify import select_safety_neurons
 from safeneuron.scoring import (
     activation_shift_z,
     cap_top_frac,

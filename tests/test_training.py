@@ -12,11 +12,12 @@ from transformers import TrainerCallback
 from conftest import make_tokenizer, tiny_model
 from safeneuron.arch import find_mlps
 from safeneuron.cli import main
-from safeneuron.config import AlignConfig, ConfigError
+from safeneuron.config import QUICK, AlignConfig, ConfigError
 from safeneuron.data.preferences import PreferenceDataError, PreferenceSet
 from safeneuron.masks import MaskMismatchError, SafetyNeuronMask
 from safeneuron.models import load_model
-from safeneuron.training import AlignOutputError, SafeNeuronDPOTrainer, align, dpo_config, lora_config
+from safeneuron.stages.align import AlignOutputError, align
+from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config
 
 PAIRS = [{"prompt": f"Tell me how to do harmful thing number {i}.", "chosen": "I can't help with that.",
           "rejected": f"Sure! Step {i}: first you do it."} for i in range(8)]
@@ -113,8 +114,8 @@ def test_align_rounds_artifacts_and_plain_transformers_load(tmp_path, model_dir)
     manifest = json.loads((out / "align.json").read_text())
     assert [s["round"] for s in manifest["summary"]] == [1, 2] and (out / "model" / "model.safetensors").is_file()
     # frozen.safetensors: bool [d_ff] per MLP, keyed by module name; union grows over rounds
-    f1 = SafetyNeuronMask.load(out / "round_1" / "frozen.safetensors", set=None)
-    f2 = SafetyNeuronMask.load(out / "round_2" / "frozen.safetensors", set=None)
+    f1 = SafetyNeuronMask.load(out / "round_1" / "frozen.safetensors", neuron_set=None)
+    f2 = SafetyNeuronMask.load(out / "round_2" / "frozen.safetensors", neuron_set=None)
     assert set(f1.masks) == {s.name for s in find_mlps(start)}
     assert all(m.dtype == torch.bool and m.numel() == 48 for m in f1.masks.values())
     assert (f1 & f2).count() == f1.count()
@@ -176,12 +177,12 @@ def test_baseline_modes_and_lora_align(tmp_path, model_dir):
     start = load_model(str(model_dir), device="cpu").model
     dpo = align(quick_config(rounds=1, mode="dpo", max_steps=2), PAIRS, tmp_path / "dpo",
                 loaded=load_model(str(model_dir), device="cpu"), progress=False)
-    assert SafetyNeuronMask.load(tmp_path / "dpo" / "round_1" / "frozen.safetensors", set=None).count() == 0
+    assert SafetyNeuronMask.load(tmp_path / "dpo" / "round_1" / "frozen.safetensors", neuron_set=None).count() == 0
     assert not (tmp_path / "dpo" / "round_1" / "identify").exists() and dpo.rounds[0]["freezing"] is None
 
     sn = align(quick_config(rounds=1, mode="sn-tune", max_steps=2), PAIRS, tmp_path / "sn",
                loaded=load_model(str(model_dir), device="cpu"), progress=False)
-    trained = SafetyNeuronMask.load(tmp_path / "sn" / "round_1" / "frozen.safetensors", set=None)
+    trained = SafetyNeuronMask.load(tmp_path / "sn" / "round_1" / "frozen.safetensors", neuron_set=None)
     assert trained.count() > 0 and sn.rounds[0]["neurons_trained_only"] == trained.count()
     mlp_params = {s.param_name for site in find_mlps(start) for s in site.slices}
     for name, p in sn.model.named_parameters():
@@ -190,7 +191,7 @@ def test_baseline_modes_and_lora_align(tmp_path, model_dir):
 
     lora = align(quick_config(rounds=1, lora=True, lora_r=4, freeze_only=True), PAIRS, tmp_path / "lora",
                  loaded=load_model(str(model_dir), device="cpu"), progress=False)
-    frozen = SafetyNeuronMask.load(tmp_path / "lora" / "round_1" / "frozen.safetensors", set=None)
+    frozen = SafetyNeuronMask.load(tmp_path / "lora" / "round_1" / "frozen.safetensors", neuron_set=None)
     assert lora.rounds[0]["freezing"]["exact"] and not lora.rounds[0]["ablate"]
     assert frozen_entries_equal(lora.model, start, frozen)
     assert not any("lora" in n for n, _ in lora.model.named_parameters())  # merged
@@ -238,5 +239,5 @@ def test_align_without_prefs_synthesises_them(tmp_path, model_dir):
     prefs = out / "prefs" / "prefs.jsonl"
     assert prefs.is_file() and (out / "prefs" / "prefs.manifest.json").is_file()
     rows = [json.loads(line) for line in prefs.read_text().splitlines()]
-    assert result.manifest["prefs"]["n_pairs"] == len(rows) > 0
+    assert result.manifest["prefs"]["n_pairs"] == min(len(rows), QUICK["align"]["max_pairs"]) > 0  # quick.toml caps
     assert {r["kind"] for r in rows} <= {"harmful", "harmless"} and result.manifest["rounds"] == 1  # quick profile

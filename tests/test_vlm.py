@@ -14,26 +14,22 @@ import torch
 from PIL import Image
 
 from conftest import make_tokenizer
-from safeneuron.activations import ActivationStats
+from safeneuron.activations import ActivationStats, record_activations
 from safeneuron.arch import find_mlps
-from safeneuron.data.prompts import PromptSet
-from safeneuron.evaluation.generation import read_cache
-from safeneuron.masks import SafetyNeuronMask
-from safeneuron.vlm import (
+from safeneuron.data.images import (
     FIGSTEP_REQUEST,
-    LoadedVLM,
     MultimodalPrompt,
     MultimodalPromptError,
-    generate_multimodal,
     harmless_scene_prompts,
-    is_vlm,
     load_multimodal_prompts,
-    multimodal_batches,
-    record_multimodal_activations,
-    render_multimodal_chat,
     render_text_image,
     typographic_prompts,
 )
+from safeneuron.data.prompts import PromptSet
+from safeneuron.generation import generate, read_cache
+from safeneuron.inputs import prompt_batches, render_image_text_chat
+from safeneuron.masks import SafetyNeuronMask
+from safeneuron.models import LoadedModel, is_vlm
 
 IMAGE_SPECIALS = ("<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
                   "<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
@@ -186,7 +182,7 @@ def test_streaming_stats_equal_a_direct_computation(family):
     model, processor = tiny_vlm(family)
     sets = small_sets()
     for position in ("last", "max"):
-        stats = record_multimodal_activations(model, processor, sets, position=position, batch_size=4,
+        stats = record_activations(model, processor, sets, position=position, batch_size=4,
                                               by_category=("harmful",), progress=False)
         assert stats.position == position and stats.count("harmful") == 6 and stats.count("harmful/a") == 3
         for label, prompts in [*sets.items(), ("harmful/a", sets["harmful"][1::2])]:
@@ -201,7 +197,7 @@ def test_streaming_stats_equal_a_direct_computation(family):
 def test_batches_are_left_padded_and_end_with_the_generation_prompt(family):
     model, processor = tiny_vlm(family)
     prompts = small_sets(3)["harmless"]
-    batch = next(multimodal_batches(processor, prompts, 3, model))
+    batch = next(prompt_batches(processor, prompts, 3, model=model))
     mask = batch.inputs["attention_mask"]
     assert mask[:, -1].all() and not mask.all(), "rows of different lengths, padded on the left"
     assistant = processor.tokenizer.convert_tokens_to_ids("<|assistant|>")
@@ -222,10 +218,10 @@ def test_resume_from_a_checkpoint_gives_the_same_statistics():
         if batches_done == 1:
             saved.update(stats.to_tensors())
 
-    full = record_multimodal_activations(model, processor, sets, batch_size=3, by_category=True, progress=False,
+    full = record_activations(model, processor, sets, batch_size=3, by_category=True, progress=False,
                                          on_batch=checkpoint)
     assert seen == [1, 2, 3]
-    resumed = record_multimodal_activations(model, processor, sets, batch_size=3, by_category=True, progress=False,
+    resumed = record_activations(model, processor, sets, batch_size=3, by_category=True, progress=False,
                                             stats=ActivationStats.from_tensors(saved, "last"), skip_batches=1)
     assert set(resumed.groups) == set(full.groups)
     for group, per_mlp in full.groups.items():
@@ -238,10 +234,10 @@ def test_resume_from_a_checkpoint_gives_the_same_statistics():
 
 def test_identify_runs_on_a_vlm_with_typographic_prompts(tmp_path):
     from safeneuron.config import IdentifyConfig
-    from safeneuron.identify import Identification, identify
+    from safeneuron.stages.identify import Identification, identify
 
     model, processor = tiny_vlm("idefics3")
-    loaded = LoadedVLM(model, processor.tokenizer, "tiny-idefics3", "<memory>", processor=processor)
+    loaded = LoadedModel(model, processor.tokenizer, "tiny-idefics3", "<memory>", processor=processor)
     config = IdentifyConfig(max_prompts=6, batch_size=4, position="last", tau_es=0.5, by_category=True)
     result = identify(config, tmp_path / "id", loaded=loaded, progress=False)
     names = [s.name for s in find_mlps(model)]
@@ -253,7 +249,7 @@ def test_identify_runs_on_a_vlm_with_typographic_prompts(tmp_path):
 
 def test_a_vlm_loaded_without_its_processor_is_a_clear_error(tmp_path):
     from safeneuron.config import IdentifyConfig
-    from safeneuron.identify import identify
+    from safeneuron.stages.identify import identify
     from safeneuron.models import LoadedModel, ModelLoadError
 
     model, processor = tiny_vlm("llava")
@@ -262,31 +258,30 @@ def test_a_vlm_loaded_without_its_processor_is_a_clear_error(tmp_path):
                  progress=False)
 
 
-def test_load_model_and_load_vlm_open_a_saved_vlm(tmp_path):
+def test_load_model_opens_a_saved_vlm_with_its_processor(tmp_path):
     from safeneuron.models import load_model
-    from safeneuron.vlm import load_vlm
 
     model, processor = tiny_vlm("llava")
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    for loaded in (load_vlm(str(tmp_path), dtype="float32", device="cpu"),
-                   load_model(str(tmp_path), dtype="float32", device="cpu")):
-        assert isinstance(loaded, LoadedVLM) and loaded.tokenizer is loaded.processor.tokenizer
+    for loaded in (load_model(str(tmp_path), dtype="float32", device="cpu"),):  # one loader for LMs and VLMs
+        assert loaded.is_vlm and loaded.tokenizer is loaded.processor.tokenizer
         assert loaded.processor.chat_template and find_mlps(loaded.model)[0].name == "model.language_model.layers.0.mlp"
         prompt = small_sets(1)["harmless"][0]
-        assert render_multimodal_chat(loaded.processor, [prompt]) == render_multimodal_chat(processor, [prompt])
+        assert render_image_text_chat(loaded.processor, [prompt]) == render_image_text_chat(processor, [prompt])
 
 
 # --------------------------------------------------------------------------- pruning, generation, freezing
 def logits(model, processor, prompts):
-    batch = next(multimodal_batches(processor, prompts, len(prompts), model))
+    batch = next(prompt_batches(processor, prompts, len(prompts), model=model))
     with torch.no_grad():
         return model(**batch.inputs).logits
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_pruning_hooks_are_reversible_bit_exactly(family):
-    prune_neurons = pytest.importorskip("safeneuron.attacks").prune_neurons  # lands with the attacks stage (issue 5)
+    from safeneuron.hooks import prune_neurons
+
     model, processor = tiny_vlm(family)
     prompts = small_sets(2)["harmful"]
     before = logits(model, processor, prompts)
@@ -304,18 +299,18 @@ def test_generate_multimodal_is_deterministic_and_cached(tmp_path):
     model, processor = tiny_vlm("llava")
     prompts = small_sets(3)["harmless"]
     cache = tmp_path / "gen.jsonl"
-    first = generate_multimodal(model, processor, prompts, max_new_tokens=4, batch_size=2, cache=cache, progress=False)
+    first = generate(model, processor, prompts, max_new_tokens=4, batch_size=2, cache=cache, progress=False)
     assert len(first) == 3 and all(isinstance(t, str) for t in first)
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["image_sha256"]) == 64 for r in rows)
-    again = generate_multimodal(model, processor, prompts, max_new_tokens=4, batch_size=2, cache=cache, progress=False)
+    again = generate(model, processor, prompts, max_new_tokens=4, batch_size=2, cache=cache, progress=False)
     assert again == first and len(cache.read_text().splitlines()) == 3, "the second call is served from the cache"
-    assert generate_multimodal(model, processor, prompts, max_new_tokens=4, batch_size=3, progress=False) == first
+    assert generate(model, processor, prompts, max_new_tokens=4, batch_size=3, progress=False) == first
     # a run killed halfway through a cache line: the next run starts a new line and reuses the rest
     with open(cache, "a") as fh:
         fh.write('{"key": "torn", "prom')
     more = small_sets(4)["harmless"]
-    assert generate_multimodal(model, processor, more, max_new_tokens=4, batch_size=2, cache=cache,
+    assert generate(model, processor, more, max_new_tokens=4, batch_size=2, cache=cache,
                                progress=False)[:3] == first
     assert len(read_cache(cache)) == 4 and len(cache.read_text().splitlines()) == 5
 
@@ -326,8 +321,8 @@ def test_freezing_is_bit_exact_after_dpo_steps_with_images(family, tmp_path):
 
     from trl import DPOConfig
 
-    from safeneuron.training import SafeNeuronDPOTrainer
-    from safeneuron.vlm import image_preference_dataset
+    from safeneuron.trainer import SafeNeuronDPOTrainer
+    from safeneuron.data.images import image_preference_dataset
 
     model, processor = tiny_vlm(family)
     prompts = small_sets(4, size=(40, 40))["harmful"]

@@ -19,7 +19,9 @@ from conftest import keep_tiny_run_sizes, write_tiny_run_config
 from test_vlm import small_sets, tiny_vlm
 from safeneuron.arch import find_mlps
 from safeneuron.masks import SafetyNeuronMask
-from safeneuron.vlm import LoadedVLM, MultimodalPromptError, load_multimodal_set, record_multimodal_activations
+from safeneuron.activations import record_activations
+from safeneuron.data.images import MultimodalPromptError, load_multimodal_set
+from safeneuron.models import LoadedModel
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +41,7 @@ def write_jsonl(folder, name, prompts):
 
 def loaded_vlm(family, seed=0):
     model, processor = tiny_vlm(family, seed)
-    return LoadedVLM(model, processor.tokenizer, f"tiny-{family}", f"tiny-{family}", processor=processor)
+    return LoadedModel(model, processor.tokenizer, f"tiny-{family}", f"tiny-{family}", processor=processor)
 
 
 # --------------------------------------------------------------------------- prompt sources
@@ -95,7 +97,7 @@ def test_identify_cli_on_an_image_jsonl(tmp_path, capsys):
     assert manifest["harmful"]["source"] == str(files["harmful"])
     stats = ActivationStats.from_tensors(load_tensors(out / "stats.safetensors"), "last")
     # the reference: the in-memory prompts the PNG files were saved from (not typeset text)
-    reference = record_multimodal_activations(model, processor, sets, position="last", batch_size=5, progress=False)
+    reference = record_activations(model, processor, sets, position="last", batch_size=5, progress=False)
     for label in ("harmful", "harmless"):
         for name, s in reference.groups[label].items():
             torch.testing.assert_close(stats.groups[label][name].mean, s.mean, rtol=1e-5, atol=1e-6)
@@ -109,7 +111,7 @@ def test_identify_cli_on_an_image_jsonl(tmp_path, capsys):
 @pytest.mark.parametrize("family, backbone_tau", [("qwen2_vl", 3.0), ("idefics3", 2.0)])
 def test_identify_on_image_files_and_builtin_scenes(family, backbone_tau, tmp_path):
     from safeneuron.config import IdentifyConfig
-    from safeneuron.identify import identify
+    from safeneuron.stages.identify import identify
 
     loaded = loaded_vlm(family)
     harmful = write_jsonl(tmp_path, "harmful", small_sets(4)["harmful"])
@@ -128,7 +130,7 @@ def test_identify_on_image_files_and_builtin_scenes(family, backbone_tau, tmp_pa
 
 def test_neurostrike_on_a_vlm_is_a_clear_error(tmp_path):
     from safeneuron.config import ConfigError, IdentifyConfig
-    from safeneuron.identify import identify
+    from safeneuron.stages.identify import identify
 
     with pytest.raises(ConfigError, match="neurostrike records text prompts only"):
         identify(IdentifyConfig(method="neurostrike", max_prompts=2), tmp_path / "id", loaded=loaded_vlm("llava"),
@@ -154,7 +156,7 @@ def image_pairs(folder, n=4, with_text_pair=True):
 def test_align_on_image_pairs_keeps_the_frozen_neurons_bit_exact(tmp_path):
     from safeneuron.config import AlignConfig
     from safeneuron.models import load_model
-    from safeneuron.training import AlignOutputError, align
+    from safeneuron.stages.align import AlignOutputError, align
 
     loaded = loaded_vlm("llava")
     model = loaded.model
@@ -170,7 +172,7 @@ def test_align_on_image_pairs_keeps_the_frozen_neurons_bit_exact(tmp_path):
     assert m["prefs"]["n_pairs"] == 5 and m["prefs"]["n_with_image"] == 4
     assert m["summary"][0]["frozen_exact"] is True and m["summary"][0]["neurons_frozen"] == mask.count() > 0
     reopened = load_model(str(tmp_path / "align" / "model"), dtype="float32", device="cpu")
-    assert isinstance(reopened, LoadedVLM) and reopened.processor.chat_template, "saved with its processor"
+    assert reopened.is_vlm and reopened.processor.chat_template, "saved with its processor"
     params = dict(reopened.model.named_parameters())
     for site in find_mlps(reopened.model):
         neurons = mask.indices(site.name)
@@ -191,7 +193,7 @@ def test_align_on_image_pairs_keeps_the_frozen_neurons_bit_exact(tmp_path):
 
 def test_max_length_that_cuts_the_image_tokens_is_a_clear_error(tmp_path):
     from safeneuron.config import AlignConfig, ConfigError
-    from safeneuron.training import align
+    from safeneuron.stages.align import align
 
     prefs = image_pairs(tmp_path / "data", n=2)
     config = AlignConfig(mode="dpo", rounds=1, max_steps=1, max_length=16, device="cpu")
@@ -206,7 +208,7 @@ def test_image_pairs_errors(tmp_path):
     from safeneuron.data.preferences import PreferenceDataError
     from safeneuron.errors import SafeneuronError
     from safeneuron.models import LoadedModel
-    from safeneuron.training import align
+    from safeneuron.stages.align import align
 
     prefs = image_pairs(tmp_path / "data", n=2, with_text_pair=False)
     config = AlignConfig(mode="dpo", rounds=1, max_steps=1, device="cpu")
@@ -231,7 +233,7 @@ def _eval_config(**kw):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_evaluate_measures_asr_and_over_refusal_with_images(family, tmp_path):
-    from safeneuron.evaluation import evaluate_models
+    from safeneuron.stages.evaluate import evaluate_models
 
     loaded = loaded_vlm(family)
     mask = SafetyNeuronMask.random(loaded.model, frac=0.5, seed=3)
@@ -257,7 +259,7 @@ def test_evaluate_measures_asr_and_over_refusal_with_images(family, tmp_path):
 
 
 def test_report_shows_the_multimodal_rates(tmp_path):
-    from safeneuron.evaluation import evaluate_models
+    from safeneuron.stages.evaluate import evaluate_models
     from safeneuron.report import build_report
 
     run_dir = tmp_path / "run"
@@ -317,7 +319,7 @@ def test_attack_cli_on_a_vlm_measures_the_asr_with_images(tmp_path, llava_dir, c
     assert json.loads((out / "identify" / "identify.json").read_text())["inputs"] == "image+text"
     from safeneuron.models import load_model
 
-    assert isinstance(load_model(str(tmp_path / "pruned"), dtype="float32", device="cpu"), LoadedVLM)
+    assert load_model(str(tmp_path / "pruned"), dtype="float32", device="cpu").is_vlm
     # "" skips the image+text measurement
     assert main(["attack", "--model", str(llava_dir), "--out", str(tmp_path / "a2"), "--identify-prompts", "4",
                  "--limit", "2", "--max-new-tokens", "2", "--multimodal-harmful", "", "--no-progress"]) == 0

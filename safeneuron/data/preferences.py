@@ -1,4 +1,4 @@
-"""Preference data: load standard formats, or synthesise a safety set from the model.
+"""Preference data: load standard formats, mix safety with general pairs (no model code).
 
 A pair is a dict with ``prompt`` (a string: one user turn, or a list of chat
 messages), ``chosen`` and ``rejected`` (the assistant's text, or a list of
@@ -14,27 +14,23 @@ Formats read by :func:`load_preferences` (JSONL, JSON, CSV/TSV or ``hf:<dataset>
 * ``hh``: HH-RLHF rows, ``chosen`` / ``rejected`` transcripts written as
   ``\\n\\nHuman: ...\\n\\nAssistant: ...``.
 
-:func:`synthesize_preferences` builds an on-policy safety set offline: harmful prompts
-with chosen = the model's own refusal (judged; refusal templates written for this
-project as a fallback) and rejected = the same model's compliance while its safety
-neurons are pruned (judged non-refusal); harmless prompts with chosen = the model's
-helpful answer and rejected = a needless refusal.
+Synthesising an on-policy safety set from the model itself is the ``prefs`` stage
+(:func:`safeneuron.stages.prefs.synthesize_preferences`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
 import re
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from safeneuron.artifacts import read_json, sha256_text, write_json, write_text
-from safeneuron.data.prompts import PLAIN_FORMAT, builtin_path, load_prompts
+from safeneuron.artifacts import read_json, sha256_text, write_text
+from safeneuron.data.files import read_records
+from safeneuron.data.prompts import PLAIN_FORMAT, builtin_path
 from safeneuron.errors import SafeneuronError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +41,9 @@ __all__ = [
     "load_preferences",
     "mix_preferences",
     "refusal_templates",
-    "synthesize_preferences",
+    "as_text",
+    "manifest_path",
+    "read_manifest",
 ]
 
 FORMATS = ("auto", "plain", "pku", "hh")
@@ -109,7 +107,7 @@ class PreferenceSet:
                              "rejected": _as_messages(p["rejected"], "assistant")})
             else:
                 rows.append({"prompt": _as_plain_prompt(p["prompt"]),
-                             "chosen": " " + _as_text(p["chosen"]), "rejected": " " + _as_text(p["rejected"])})
+                             "chosen": " " + as_text(p["chosen"]), "rejected": " " + as_text(p["rejected"])})
         return Dataset.from_list(rows)
 
 
@@ -119,7 +117,8 @@ def _as_messages(value, role: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _as_text(value) -> str:
+def as_text(value) -> str:
+    """A completion or prompt as plain text: a string as is, chat messages' contents joined by newlines."""
     return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
 
 
@@ -146,40 +145,8 @@ def _read_records(source: str, split: str) -> list[dict]:
                 f"{source}: cannot load the Hugging Face dataset ({first}); pass a local JSONL/CSV file instead"
             ) from None
         return [dict(r) for r in ds]
-    path = Path(source)
-    if not path.is_file():
-        raise PreferenceDataError(f"{path}: preference file not found")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise PreferenceDataError(f"{path}:{n}: malformed JSON line ({err.msg})") from None
-        return records
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PreferenceDataError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise PreferenceDataError(f"{path}: expected a JSON list of records (or an object holding one list)")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise PreferenceDataError(f"{path}: expected a JSON list of records")
-        return data
-    if suffix in (".csv", ".tsv"):
-        try:
-            return list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-        except csv.Error as err:
-            raise PreferenceDataError(f"{path}: malformed CSV ({err})") from None
-    raise PreferenceDataError(f"{path}: unknown preference file type {suffix!r} (use .jsonl, .json, .csv or .tsv)")
+    return read_records(source, error=PreferenceDataError, what="preference file", items="records",
+                        suffixes=(".jsonl", ".json", ".csv", ".tsv"))
 
 
 def _is_messages(value) -> bool:
@@ -386,212 +353,6 @@ def mix_preferences(
 def refusal_templates() -> list[str]:
     """The built-in refusal templates (written for this project)."""
     return list(json.loads(builtin_path("refusal_templates.json").read_text(encoding="utf-8")))
-
-
-@dataclass
-class SynthesisReport:
-    """Counts and rates of a synthesis (written to ``<stem>.manifest.json``)."""
-
-    n_harmful: int = 0
-    n_harmless: int = 0
-    refusal_rate_intact: float = 0.0
-    compliance_rate_pruned: float = 0.0
-    helpful_rate_harmless: float = 0.0
-    chosen_from_model: int = 0
-    chosen_from_template: int = 0
-    rejected_from_pruned: int = 0
-    rejected_from_intact: int = 0
-    dropped_no_compliance: int = 0
-    dropped_harmless_refused: int = 0
-    pairs_harmful: int = 0
-    pairs_harmless: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def synthesize_preferences(
-    loaded,
-    config=None,
-    out: str | Path = "prefs.jsonl",
-    *,
-    mask=None,
-    identify_dir: str | Path | None = None,
-    progress: bool = True,
-) -> PreferenceSet:
-    """Synthesise a safety preference set from the model itself and write it as JSONL.
-
-    Args:
-        loaded: a :class:`~safeneuron.models.LoadedModel`.
-        config: a :class:`~safeneuron.config.PrefsConfig` (prompts, counts, generation).
-        out: the JSONL file; ``<stem>.manifest.json`` beside it gets the settings and counts,
-            ``.<stem>.generations.jsonl`` caches the generations (a killed run resumes).
-        mask: safety neurons pruned to produce the compliances; None = ``config.mask`` or,
-            without one, an identification on the model written to ``identify_dir``.
-
-    Every pair records its provenance: ``kind`` (harmful/harmless), ``category``,
-    ``chosen_source`` (``model`` or ``template``), ``rejected_source`` (``model-pruned``,
-    ``model`` or ``template``), the model, the mask and the judge.
-
-    A vision-language model answers the instructions typeset as images (FigStep-style, the
-    harmless ones too, as in identification): its pairs carry ``image`` (a PNG in
-    ``<stem>_images/`` beside ``out``), the text request as ``prompt`` and the typeset
-    ``instruction``, and ``align`` trains on them with images.
-    """
-    from safeneuron.attacks import prune_neurons
-    from safeneuron.config import IdentifyConfig, PrefsConfig
-    from safeneuron.evaluation.generation import generate
-    from safeneuron.evaluation.judges import RefusalJudge
-    from safeneuron.masks import SafetyNeuronMask
-    from safeneuron.models import weights_hash
-    from safeneuron.vlm import is_vlm
-
-    config = (config or PrefsConfig()).resolved()
-    config.validate()
-    out = Path(out)
-    t_start = time.perf_counter()
-    harmful = load_prompts(config.harmful, default="harmful", limit=config.n_harmful, seed=config.seed)
-    harmless = (load_prompts(config.harmless, default="harmless", limit=config.n_harmless, seed=config.seed)
-                if config.n_harmless else None)
-
-    mask_source = "given"
-    if mask is None and config.mask:
-        mask = SafetyNeuronMask.load(config.mask, set=config.neuron_set)
-        mask_source = config.mask
-    if mask is None:
-        from safeneuron.identify import identify
-
-        identify_dir = Path(identify_dir) if identify_dir else out.parent / f"{out.stem}_identify"
-        ident = identify(IdentifyConfig(model=config.model, max_prompts=config.identify_max_prompts,
-                                        seed=config.seed, dtype=config.dtype, device=config.device),
-                         identify_dir, loaded=loaded, progress=progress)
-        mask = ident.sets[config.neuron_set]
-        mask_source = str(identify_dir)
-    mask.check(loaded.model)
-    mask_digest = sha256_text(*(f"{k}:{v.nonzero().flatten().tolist()}" for k, v in mask.masks.items()))[:12]
-
-    cache = out.parent / f".{out.stem}.generations.jsonl"
-    gen_kwargs = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                      max_length=config.max_length, cache=cache, progress=progress)
-    model, tok = loaded.model, loaded.tokenizer
-    multimodal = is_vlm(model)
-    if multimodal:  # a VLM: image pairs, the instructions typeset (as identify and evaluate show them)
-        intact, pruned, helpful, shown = _multimodal_answers(loaded, harmful, harmless, mask, mask_digest, gen_kwargs,
-                                                             out)
-    else:
-        intact = generate(model, tok, harmful.prompts, tag="intact", **gen_kwargs)
-        with prune_neurons(model, mask):
-            pruned = generate(model, tok, harmful.prompts, tag=f"pruned:{mask_digest}", **gen_kwargs)
-        helpful = generate(model, tok, harmless.prompts, tag="intact", **gen_kwargs) if harmless else []
-        shown = {"harmful": [{"prompt": p} for p in harmful.prompts],
-                 "harmless": [{"prompt": p} for p in harmless.prompts] if harmless else []}
-
-    judge = RefusalJudge()
-    templates = refusal_templates()
-    rng = random.Random(config.seed)
-    whash = weights_hash(loaded.path)
-    provenance = {"model": loaded.name, "weights_sha256": whash, "mask": mask_source, "mask_digest": mask_digest,
-                  "neurons_pruned": mask.count(), "judge": judge.name}
-    report = SynthesisReport(n_harmful=len(harmful), n_harmless=len(harmless) if harmless else 0)
-    pairs: list[dict] = []
-    refused = [judge.is_refusal(r) for r in intact]
-    pruned_refused = [judge.is_refusal(r) for r in pruned]
-    for i in range(len(harmful)):
-        template = rng.choice(templates)
-        if refused[i]:
-            chosen, chosen_source = intact[i], "model"
-        else:
-            chosen, chosen_source = template, "template"
-        if not pruned_refused[i]:
-            rejected, rejected_source = pruned[i], "model-pruned"
-        elif not refused[i]:
-            rejected, rejected_source = intact[i], "model"
-        else:
-            report.dropped_no_compliance += 1
-            continue
-        report.chosen_from_model += chosen_source == "model"
-        report.chosen_from_template += chosen_source == "template"
-        report.rejected_from_pruned += rejected_source == "model-pruned"
-        report.rejected_from_intact += rejected_source == "model"
-        pairs.append({**shown["harmful"][i], "chosen": chosen, "rejected": rejected, "kind": "harmful",
-                      "category": harmful.categories[i], "chosen_source": chosen_source,
-                      "rejected_source": rejected_source, **provenance})
-    report.pairs_harmful = len(pairs)
-    if harmless:
-        for i in range(len(harmless)):
-            template = rng.choice(templates)
-            if judge.is_refusal(helpful[i]):
-                report.dropped_harmless_refused += 1
-                continue
-            pairs.append({**shown["harmless"][i], "chosen": helpful[i], "rejected": template, "kind": "harmless",
-                          "category": harmless.categories[i], "chosen_source": "model",
-                          "rejected_source": "template", **provenance})
-        report.pairs_harmless = len(pairs) - report.pairs_harmful
-    report.refusal_rate_intact = sum(refused) / len(refused)
-    report.compliance_rate_pruned = 1 - sum(pruned_refused) / len(pruned_refused)
-    report.helpful_rate_harmless = (1 - report.dropped_harmless_refused / len(harmless)) if harmless else 0.0
-    if not pairs:
-        raise PreferenceDataError(
-            f"no preference pair could be synthesised: the model refused all {len(harmful)} harmful prompts even "
-            "with its safety neurons pruned, and no harmless answer was usable; pass a larger --mask or a file"
-        )
-    result = PreferenceSet(pairs, f"synthesized:{loaded.name}")
-    result.write_jsonl(out)
-    manifest = {
-        "kind": "synthesized",
-        "model": loaded.name,
-        "model_path": loaded.path,
-        "weights_sha256": whash,
-        "out": str(out),
-        "n_pairs": len(pairs),
-        "sha256": result.sha256,
-        "harmful": {"source": harmful.source, "sha256": harmful.sha256, "n": len(harmful)},
-        "harmless": ({"source": harmless.source, "sha256": harmless.sha256, "n": len(harmless)} if harmless else None),
-        "inputs": "image+text" if multimodal else "text",
-        "mask": {"source": mask_source, "digest": mask_digest, "neurons": mask.count(), "total": mask.total()},
-        "judge": judge.name,
-        "report": asdict(report),
-        "settings": asdict(config),
-        "wall_time_s": time.perf_counter() - t_start,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(manifest_path(out), manifest)
-    logger.info("synthesised %d pairs (%d harmful, %d harmless): intact refusal rate %.2f, pruned compliance rate "
-                "%.2f, %d chosen from templates, %d harmful prompts dropped (no compliance)", len(pairs),
-                report.pairs_harmful, report.pairs_harmless, report.refusal_rate_intact,
-                report.compliance_rate_pruned, report.chosen_from_template, report.dropped_no_compliance)
-    return result
-
-
-def _multimodal_answers(loaded, harmful, harmless, mask, mask_digest: str, gen_kwargs: dict, out: Path):
-    """A VLM's answers for synthesis: each instruction typeset as an image with the benign FigStep request
-    (:func:`~safeneuron.vlm.typographic_prompts`), intact and (harmful ones) with ``mask`` pruned.
-
-    The images are written to ``<stem>_images/`` beside the pairs file; each pair gets ``prompt`` (the text
-    request), ``image`` (relative to the file, as ``align`` reads it) and ``instruction`` (what the image says).
-    Returns ``(intact, pruned, helpful, shown)``, ``shown`` holding those fields per kind.
-    """
-    from safeneuron.attacks import prune_neurons
-    from safeneuron.vlm import generate_multimodal, processor_of, typographic_prompts
-
-    processor = processor_of(loaded)
-    kwargs = {k: v for k, v in gen_kwargs.items() if k != "max_length"}  # images are never cut
-    typeset = {"harmful": typographic_prompts(harmful), "harmless": typographic_prompts(harmless) if harmless else []}
-    intact = generate_multimodal(loaded.model, processor, typeset["harmful"], tag="intact", **kwargs)
-    with prune_neurons(loaded.model, mask):
-        pruned = generate_multimodal(loaded.model, processor, typeset["harmful"], tag=f"pruned:{mask_digest}",
-                                     **kwargs)
-    helpful = generate_multimodal(loaded.model, processor, typeset["harmless"], tag="intact", **kwargs) \
-        if harmless else []
-    folder = out.parent / f"{out.stem}_images"
-    folder.mkdir(parents=True, exist_ok=True)
-    shown: dict[str, list[dict]] = {}
-    for kind, prompts in typeset.items():
-        texts = (harmful if kind == "harmful" else harmless).prompts if prompts else []
-        shown[kind] = []
-        for i, (p, instruction) in enumerate(zip(prompts, texts)):
-            rel = f"{folder.name}/{kind}{i}.png"
-            p.load_image().save(out.parent / rel)
-            shown[kind].append({"prompt": p.text, "image": rel, "instruction": instruction})
-    return intact, pruned, helpful, shown
 
 
 def manifest_path(out: str | Path) -> Path:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from safeneuron.errors import SafeneuronError
 
-import csv
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from safeneuron.artifacts import sha256_text
+from safeneuron.data.files import read_records
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def _from_records(records: list, source: str, column: str | None) -> PromptSet:
     if prompt_col is None or prompt_col not in columns:
         raise PromptFileError(
             f"{source}: no prompt column (looked for {column or '/'.join(PROMPT_COLUMNS)}; found {', '.join(columns) or 'none'}); "
-            "name the column with --prompt-column"
+            "name the column (prompt_column)", fields=("prompt_column",)
         )
     if "FunctionalCategory" in columns:  # HarmBench: only the plain behaviours are prompts on their own
         kept = [r for r in records if r.get("FunctionalCategory") in (None, "", "standard")]
@@ -144,52 +143,10 @@ def _from_records(records: list, source: str, column: str | None) -> PromptSet:
 
 
 def _read_file(path: Path, column: str | None) -> PromptSet:
-    if not path.exists():
-        raise PromptFileError(f"{path}: prompt file not found")
-    if path.is_dir():
-        raise PromptFileError(f"{path}: is a directory, expected a CSV/JSON/JSONL file")
-    raw = path.read_bytes()
-    if b"\x00" in raw[:4096]:
-        raise PromptFileError(f"{path}: binary file, expected a CSV/JSON/JSONL prompt file")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise PromptFileError(f"{path}: not UTF-8 text, expected a CSV/JSON/JSONL prompt file") from None
-    if not text.strip():
+    records = read_records(path, error=PromptFileError, what="prompt file", items="prompts")
+    if not records:
         raise PromptFileError(f"{path}: no prompts (empty file)")
-    suffix = path.suffix.lower()
-    source = str(path)
-    if suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise PromptFileError(f"{path}:{n}: malformed JSON line ({err.msg})") from None
-        return _from_records(records, source, column)
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
-        if isinstance(data, dict):  # {"prompts": [...]} or {"train": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise PromptFileError(f"{path}: expected a JSON list of prompts (or an object holding one list)")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise PromptFileError(f"{path}: expected a JSON list of prompts")
-        return _from_records(data, source, column)
-    if suffix in (".csv", ".tsv", ".txt"):
-        if suffix == ".txt":
-            return _from_records([ln.strip() for ln in text.splitlines() if ln.strip()], source, column)
-        try:
-            rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-        except csv.Error as err:
-            raise PromptFileError(f"{path}: malformed CSV ({err})") from None
-        return _from_records(rows, source, column)
-    raise PromptFileError(f"{path}: unknown prompt file type {suffix!r} (use .csv, .tsv, .json, .jsonl or .txt)")
+    return _from_records(records, str(path), column)
 
 
 def _read_hf(name: str, column: str | None, split: str) -> PromptSet:

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import random
@@ -27,7 +25,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from safeneuron.activations import model_device
+from safeneuron.inputs import model_device
+from safeneuron.data.files import read_records
 from safeneuron.errors import SafeneuronError
 
 logger = logging.getLogger(__name__)
@@ -70,21 +69,11 @@ class MCQuestion:
 
 
 def _read_mc_rows(path: Path) -> list[dict]:
-    """Records of a CSV, or of a JSONL (one object a line) / JSON (a list of objects) file."""
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        try:
-            return list(csv.DictReader(text.splitlines()))
-        except csv.Error as err:
-            raise MCFileError(f"{path}: not a readable CSV ({err})") from None
-    try:
-        if path.suffix.lower() == ".json":
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise MCFileError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+    """Records of a JSONL (one object a line) / JSON (a list of objects) file, or of a CSV (any other suffix)."""
+    suffix = path.suffix.lower()
+    records = read_records(path, error=MCFileError, what="multiple-choice file", items="questions",
+                           fmt=suffix if suffix in (".json", ".jsonl", ".tsv") else ".csv")
+    if not all(isinstance(r, dict) for r in records):
         raise MCFileError(f"{path}: expected JSON objects with question, A, B, C, D, answer")
     return [{k: "" if v is None else str(v) for k, v in r.items()} for r in records]
 

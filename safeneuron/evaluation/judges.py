@@ -26,6 +26,8 @@ import torch
 
 from safeneuron.data.prompts import builtin_path
 from safeneuron.errors import SafeneuronError
+from safeneuron import generation
+from safeneuron.models import pick_device, pick_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +177,6 @@ class ClassifierJudge:
         ``guard``; otherwise ``harmbench``)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-        from safeneuron.models import pick_device, pick_dtype
-
         target = pick_device(device)
         try:
             config = AutoConfig.from_pretrained(source)
@@ -184,7 +184,7 @@ class ClassifierJudge:
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise JudgeError(f"cannot load the judge classifier {source!r} ({first}); "
-                             "use --judge refusal for the refusal-phrase judge") from None
+                             "set judge to 'refusal' for the refusal-phrase judge", fields=("judge",)) from None
         if kind is None:
             archs = getattr(config, "architectures", None) or []
             if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -214,8 +214,6 @@ class ClassifierJudge:
     def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
         """The classifier's verdict per (prompt, response): True = harmful. An
         unparseable verdict counts as not harmful (and is counted in ``unparsed``)."""
-        from safeneuron.evaluation.generation import complete_texts
-
         responses = [(r.strip() or "I'm sorry, I can't help with that.")[: self.max_response_chars] for r in responses]
         if self.kind == "sequence":
             return self._sequence(prompts, responses)
@@ -226,7 +224,7 @@ class ClassifierJudge:
             texts = [HARMBENCH_PROMPT.replace("{behavior}", p).replace("{generation}", r)
                      for p, r in zip(prompts, responses)]
             parse = parse_yes_no
-        verdicts = [parse(v) for v in complete_texts(self.model, self.tokenizer, texts, max_new_tokens=8,
+        verdicts = [parse(v) for v in generation.complete_texts(self.model, self.tokenizer, texts, max_new_tokens=8,
                                                      batch_size=self.batch_size)]
         bad = sum(v is None for v in verdicts)
         if bad:

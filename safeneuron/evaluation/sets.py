@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlparse
 
+from safeneuron.data.images import MultimodalPromptSet, load_multimodal_set, typographic_prompts
 from safeneuron.data.prompts import PromptFileError, PromptSet, _clean, _from_records, builtin_path, load_prompts
 from safeneuron.errors import SafeneuronError
 
@@ -125,13 +126,11 @@ def load_multimodal_harmful(harmful: PromptSet, source: str | None = None, *, n:
 
     ``source`` None: ``harmful`` (the text ASR prompts) typeset as images with a benign
     request (FigStep-style), judged against the instruction each image holds. Otherwise
-    :func:`~safeneuron.vlm.load_multimodal_set` (an image JSONL, a ``builtin:`` set or a
+    :func:`~safeneuron.data.images.load_multimodal_set` (an image JSONL, a ``builtin:`` set or a
     text set, typeset; at most ``n``), judged on their text (``None``).
 
     Returns ``(MultimodalPromptSet, judge_prompts)``; shared by ``evaluate`` and ``attack``.
     """
-    from safeneuron.vlm import MultimodalPromptSet, load_multimodal_set, typographic_prompts
-
     if source is None:
         return MultimodalPromptSet(typographic_prompts(harmful), f"{harmful.source} (typographic)"), harmful.prompts
     return load_multimodal_set(source, default="harmful", limit=n, seed=seed), None

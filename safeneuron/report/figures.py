@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from safeneuron.artifacts import atomic_path
+from safeneuron.evaluation.metrics import curve_area
 
 __all__ = [
     "save",
@@ -283,15 +284,6 @@ def _curve_percent(curve: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.nda
         return np.zeros(0), np.zeros(0)
     f, a = np.asarray(pts).T
     return 100.0 * f, 100.0 * a
-
-
-def curve_area(curve: Sequence[Sequence[float]]) -> float | None:
-    """Mean ASR over the pruned range (trapezoid area / range), in [0, 1]; None for < 2 points."""
-    f, a = _curve_percent(curve)
-    if len(f) < 2 or f[-1] == f[0]:
-        return None
-    area = float(np.sum((a[1:] + a[:-1]) / 2 * np.diff(f)))  # trapezoids, numpy 1.x and 2.x
-    return area / (f[-1] - f[0]) / 100.0
 
 
 @_styled

@@ -1,21 +1,14 @@
-"""Vision-language models: loading, image+text prompts, recording and generation.
+"""Image+text prompts: typeset instructions, drawn scenes, JSONL files, preference pairs with images.
 
-The method applies to a VLM's *language backbone*: its MLP neurons are found by
-:func:`safeneuron.arch.find_mlps` (vision towers and projectors are skipped), so
-masks, pruning and freezing work unchanged. What differs is the input: a prompt is
-an image plus a text request, rendered with the processor's chat template::
-
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]}]
-
-and batched by the processor (left padding, image placeholder tokens expanded), so
-the last non-padding position is the end of the generation prompt, after the image
-tokens.
+No model code here: these are the prompts and data a VLM is given; :mod:`safeneuron.inputs`
+turns them into model batches. A prompt is an image plus a text request, rendered with
+the processor's chat template as one user message (image, then text).
 
 Prompt sets (no downloads; every image is drawn with Pillow):
 
 * :func:`typographic_prompts`: the instruction rendered as an image of text with a
   benign text request (:data:`FIGSTEP_REQUEST`), the FigStep-style typographic
-  attack. Text prompt sets given to identification are turned into these.
+  attack. Text prompt sets given to a VLM are turned into these.
 * :func:`harmless_scene_prompts`: simple drawn scenes, shape arrangements and bar
   charts with questions about them.
 * :func:`load_multimodal_prompts`: a JSONL file of ``{"image": path, "text": ...,
@@ -35,43 +28,29 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
-from tqdm.auto import tqdm
 
-from safeneuron.activations import POSITIONS, ActivationStats, Batch, _forward, model_device, neuron_hooks, pool_tokens
-from safeneuron.arch import MLPSite, find_mlps
 from safeneuron.artifacts import sha256_file, sha256_text
 from safeneuron.data.prompts import CATEGORY_COLUMNS, PROMPT_COLUMNS, PromptFileError, PromptSet, load_prompts
-from safeneuron.evaluation.generation import generation_config, open_cache, read_cache
-from safeneuron.models import LoadedModel, ModelLoadError, _check_local_dir, pick_device, pick_dtype, resolve_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FIGSTEP_REQUEST",
     "IMAGE_COLUMNS",
-    "LoadedVLM",
     "MultimodalPrompt",
     "MultimodalPromptError",
     "MultimodalPromptSet",
     "MULTIMODAL_BUILTINS",
-    "load_vlm",
-    "load_processor",
-    "is_vlm",
-    "processor_of",
     "render_text_image",
     "typographic_prompts",
     "harmless_scene_prompts",
     "load_multimodal_prompts",
     "load_multimodal_set",
-    "render_multimodal_chat",
-    "multimodal_batches",
-    "record_multimodal_activations",
-    "generate_multimodal",
+    "is_image_text",
+    "as_image_text",
     "image_sha256",
     "image_preference_dataset",
     "pairs_have_images",
@@ -95,95 +74,6 @@ ImageSource = Union[Image.Image, str, Path, Callable[[], Image.Image]]
 
 class MultimodalPromptError(PromptFileError):
     """An image+text prompt file or image cannot be used (missing image, missing column, ...)."""
-
-
-# --------------------------------------------------------------------------- loading
-@dataclass
-class LoadedVLM(LoadedModel):
-    """A VLM with its processor; ``tokenizer`` is the processor's tokenizer."""
-
-    processor: object = None
-
-
-def _config_of(model_or_config) -> object:
-    if isinstance(model_or_config, nn.Module):
-        return getattr(model_or_config, "config", None)
-    return model_or_config
-
-
-def is_vlm(model_or_config) -> bool:
-    """True for a vision-language model (or its config / config.json dict): it has a vision config."""
-    config = _config_of(model_or_config)
-    if isinstance(config, dict):
-        return bool(config.get("vision_config"))
-    return getattr(config, "vision_config", None) is not None
-
-
-def processor_of(loaded: LoadedModel) -> object:
-    """The processor of a loaded VLM; a clear error when the model was loaded without one."""
-    processor = getattr(loaded, "processor", None)
-    if processor is None:
-        raise ModelLoadError(
-            f"{loaded.name}: a vision-language model needs its processor; load it with safeneuron.vlm.load_vlm"
-        )
-    return processor
-
-
-def load_vlm(
-    name_or_path: str,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-) -> LoadedVLM:
-    """Load a VLM (``AutoModelForImageTextToText``) and its processor (``AutoProcessor``).
-
-    Args:
-        name_or_path: hub id or local directory (Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-Next,
-            Idefics3 / SmolVLM, Gemma 3, ...).
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ... or ``auto-map`` (``device_map="auto"``).
-    """
-    from transformers import AutoModelForImageTextToText
-
-    name, path = resolve_model(name_or_path)
-    _check_local_dir(Path(path), trust_remote_code)
-    map_all = device == "auto-map"
-    target = pick_device("auto" if map_all else device)
-    torch_dtype = pick_dtype(dtype, target)
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if map_all:
-        kwargs["device_map"] = "auto"
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "trust_remote_code" in str(err):
-            raise ModelLoadError(f"{name}: needs its own code; pass --trust-remote-code only if you trust it") from None
-        raise ModelLoadError(f"cannot load vision-language model {name!r}: {first}") from None
-    processor = load_processor(name, path, trust_remote_code)
-    if not is_vlm(model):
-        raise ModelLoadError(f"{name}: {model.config.model_type!r} has no vision config; load it with load_model")
-    if not map_all:
-        model.to(target)
-    model.eval()
-    find_mlps(model)  # unsupported language backbones fail here, before any work
-    tokenizer = getattr(processor, "tokenizer", processor)
-    logger.info("loaded %s (%s, %s, %s)", name, model.config.model_type, torch_dtype, target)
-    return LoadedVLM(model, tokenizer, name, path, processor=processor)
-
-
-def load_processor(name: str, path: str, trust_remote_code: bool = False) -> object:
-    """``AutoProcessor`` of a VLM checkpoint (tokenizer, image processor, chat template)."""
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ImportError as err:  # e.g. Qwen2-VL's video processor needs torchvision in transformers 5.x
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-        raise ModelLoadError(f"cannot load the processor of {name!r}: {first.split('. ')[0].rstrip('.')}") from None
-    except (OSError, ValueError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load the processor of {name!r}: {first}") from None
 
 
 # --------------------------------------------------------------------------- prompts
@@ -502,7 +392,7 @@ def _read_jsonl(path: Path, text_column: str | None, image_column: str | None) -
         raise MultimodalPromptError(f"{path}: expected a .jsonl file of image+text rows")
     records = []
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # JSONL lines end in \n only
     except UnicodeDecodeError:
         raise MultimodalPromptError(f"{path}: not UTF-8 text, expected a JSONL file") from None
     for n, line in enumerate(lines, 1):
@@ -708,230 +598,19 @@ def image_preference_dataset(pairs: Sequence[Mapping]):
     return Dataset.from_list(rows)
 
 
-# --------------------------------------------------------------------------- batching
-def _tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
 
 
-def _prepare_processor(processor) -> None:
-    tokenizer = _tokenizer_of(processor)
-    tokenizer.padding_side = "left"  # the last position of every row is the end of its prompt
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def is_image_text(prompts: Iterable) -> bool:
+    """True when the prompts are image+text (:class:`MultimodalPrompt`), False for text prompts (strings or
+    a :class:`~safeneuron.data.prompts.PromptSet`)."""
+    if isinstance(prompts, PromptSet):
+        return False
+    return any(isinstance(p, MultimodalPrompt) for p in prompts)
 
 
-def render_multimodal_chat(processor, prompts: Sequence[MultimodalPrompt]) -> list[str]:
-    """Each prompt as a one-turn user message (image, then text) with the generation prompt.
-
-    Uses the processor's chat template (no system prompt of ours).
-    """
-    if not getattr(processor, "chat_template", None):
-        raise ModelLoadError(
-            f"{type(processor).__name__} has no chat template for image+text messages; "
-            "set processor.chat_template (see the model card)"
-        )
-    return [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.text}]}],
-            tokenize=False, add_generation_prompt=True,
-        )
-        for p in prompts
-    ]
-
-
-def _to_model(inputs: Mapping[str, object], model: nn.Module) -> dict[str, object]:
-    """Move the processor's tensors to the model's device; floating ones (pixels) to its dtype."""
-    device = model_device(model)
-    dtype = next(model.parameters()).dtype
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device)
-        out[key] = value
-    return out
-
-
-def multimodal_batches(
-    processor,
-    prompts: Sequence[MultimodalPrompt],
-    batch_size: int,
-    model: nn.Module | None = None,
-) -> Iterator[Batch]:
-    """Process prompts in input order, ``batch_size`` at a time, left-padded.
-
-    Images are opened or drawn only when their batch is made. ``inputs`` hold what the
-    processor returns (``input_ids``, ``attention_mask``, ``pixel_values``, ...), on the
-    model's device and dtype when ``model`` is given. No truncation: cutting a prompt
-    would cut its image tokens.
-    """
-    _prepare_processor(processor)
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(start + batch_size, len(prompts))))
-        chunk = [prompts[i] for i in idx]
-        texts = render_multimodal_chat(processor, chunk)
-        enc = processor(text=texts, images=[[p.load_image()] for p in chunk], padding=True, return_tensors="pt")
-        inputs = dict(enc)
-        yield Batch(idx, _to_model(inputs, model) if model is not None else inputs)
-
-
-# --------------------------------------------------------------------------- recording
-def _as_multimodal(prompts: PromptSet | Sequence[MultimodalPrompt]) -> list[MultimodalPrompt]:
-    if isinstance(prompts, PromptSet):  # text prompts: the instruction typeset as an image
+def as_image_text(prompts: PromptSet | Sequence) -> list[MultimodalPrompt]:
+    """Image+text prompts as they are; a text :class:`PromptSet` (or strings) typeset as images
+    (:func:`typographic_prompts`), which is how a VLM sees a text prompt set."""
+    if isinstance(prompts, PromptSet) or not is_image_text(prompts):
         return typographic_prompts(prompts)
     return list(prompts)
-
-
-def record_multimodal_activations(
-    model: nn.Module,
-    processor,
-    prompt_sets: Mapping[str, Sequence[MultimodalPrompt] | PromptSet],
-    *,
-    position: str = "last",
-    batch_size: int = 8,
-    max_length: int | None = None,
-    by_category: bool | Collection[str] = False,
-    stats: ActivationStats | None = None,
-    skip_batches: int = 0,
-    on_batch: Callable[[int, ActivationStats], None] | None = None,
-    progress: bool = True,
-    sites: Sequence[MLPSite] | None = None,
-    stats_device: str = "cpu",
-) -> ActivationStats:
-    """Stream the language backbone's neuron statistics over labelled image+text prompt sets.
-
-    The multimodal counterpart of :func:`safeneuron.activations.record_activations`
-    (same hooks, pooling and :class:`~safeneuron.activations.ActivationStats`): the
-    pooled [d_ff] vector of each prompt is taken from the MLP input of the language
-    model at all positions, image tokens included; ``last`` (the default) is the end
-    of the generation prompt, after the image.
-
-    Args:
-        prompt_sets: label -> image+text prompts; a text :class:`PromptSet` is turned
-            into typographic prompts (:func:`typographic_prompts`).
-        position: token pooling, one of :data:`~safeneuron.activations.POSITIONS`.
-        max_length: only warns when a prompt is longer (nothing is truncated).
-        by_category, stats, skip_batches, on_batch, sites, stats_device: as in
-            ``record_activations``; batches follow the input order (label by label), so
-            resuming is deterministic.
-
-    Returns:
-        The statistics, groups ``<label>`` (and ``<label>/<category>``).
-    """
-    if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
-    stats = stats if stats is not None else ActivationStats(position)
-    prompts: list[MultimodalPrompt] = []
-    groups: list[list[str]] = []
-    for label, ps in prompt_sets.items():
-        split = by_category is True or (not isinstance(by_category, bool) and label in by_category)
-        for p in _as_multimodal(ps):
-            prompts.append(p)
-            groups.append([label] + ([f"{label}/{p.category}"] if split and p.category is not None else []))
-    acc_device = model_device(model) if stats_device == "model" else torch.device("cpu")
-    stats = stats.to(acc_device)
-    state: dict = {}
-
-    def record(site: MLPSite, acts: torch.Tensor) -> None:
-        mask = state["mask"]
-        if acts.shape[:2] != mask.shape:
-            raise RuntimeError(f"{site.name}: activations {tuple(acts.shape)} do not align with the attention mask "
-                               f"{tuple(mask.shape)}; this VLM changes the sequence inside the model")
-        pooled = pool_tokens(acts.detach(), mask, position).to(acc_device)
-        for group, rows in state["rows"].items():
-            stats.add(group, site.name, pooled[rows] if len(rows) < pooled.shape[0] else pooled)
-        return None
-
-    n_batches = math.ceil(len(prompts) / batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with neuron_hooks(model, record, sites), torch.no_grad():
-            bar = tqdm(total=len(prompts), desc="recording (image+text)", unit="prompt", disable=not progress)
-            bar.update(min(len(prompts), skip_batches * batch_size))
-            remaining = prompts[skip_batches * batch_size:]
-            offset = skip_batches * batch_size
-            for b, batch in enumerate(multimodal_batches(processor, remaining, batch_size, model), start=skip_batches):
-                indices = [offset + i for i in batch.indices]
-                rows: dict[str, list[int]] = {}
-                for r, i in enumerate(indices):
-                    for g in groups[i]:
-                        rows.setdefault(g, []).append(r)
-                state["mask"] = batch.inputs["attention_mask"]
-                if max_length is not None and state["mask"].shape[1] > max_length:
-                    logger.warning("batch %d/%d: %d tokens (image tokens included) > max_length=%d; not truncated",
-                                   b + 1, n_batches, state["mask"].shape[1], max_length)
-                state["rows"] = {g: torch.tensor(r, device=acc_device) for g, r in rows.items()}
-                _forward(model, batch.inputs)
-                bar.update(len(indices))
-                if on_batch is not None:
-                    on_batch(b + 1, stats)
-            bar.close()
-    finally:
-        model.train(was_training)
-    return stats
-
-
-# --------------------------------------------------------------------------- generation
-@torch.no_grad()
-def generate_multimodal(
-    model: nn.Module,
-    processor,
-    prompts: Sequence[MultimodalPrompt],
-    *,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    cache: str | Path | None = None,
-    tag: str = "",
-    progress: bool = True,
-) -> list[str]:
-    """Generate one response per image+text prompt, in input order (greedy by default).
-
-    Args:
-        cache: JSONL file to reuse and extend, keyed by the settings, the text and the
-            image's pixels (``{"key", "prompt", "image_sha256", "tag", "response"}``).
-        tag: extra text in the cache key, e.g. the attack applied to the model.
-    Returns:
-        The decoded responses (special tokens removed, stripped).
-    """
-    settings = json.dumps([tag, max_new_tokens, do_sample, temperature, top_p, seed, "image+text"])
-    image_hashes = [image_sha256(p.load_image()) for p in prompts] if cache else [""] * len(prompts)
-    keys = [sha256_text(settings, p.text, h)[:24] for p, h in zip(prompts, image_hashes)]
-    done = read_cache(cache) if cache else {}
-    todo = [i for i, k in enumerate(keys) if k not in done]
-    results = {k: done[k] for k in keys if k in done}
-    if todo and len(todo) < len(prompts):
-        logger.info("generation cache: %d of %d responses reused", len(prompts) - len(todo), len(prompts))
-    if not todo:
-        return [results[k] for k in keys]
-    tokenizer = _tokenizer_of(processor)
-    gen_config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                   temperature=temperature, top_p=top_p)
-    cache_fh = open_cache(cache) if cache else None  # closes a torn last line (a kill mid-write)
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(todo), desc="generating (image+text)", unit="prompt", disable=not progress)
-        for b, batch in enumerate(multimodal_batches(processor, [prompts[i] for i in todo], batch_size, model)):
-            if do_sample:
-                torch.manual_seed(seed + b)
-            out = model.generate(**batch.inputs, generation_config=gen_config)
-            new = out[:, batch.inputs["input_ids"].shape[1]:]
-            for j, text in zip(batch.indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                i = todo[j]
-                results[keys[i]] = text.strip()
-                if cache_fh:
-                    cache_fh.write(json.dumps({"key": keys[i], "prompt": prompts[i].text, "image_sha256": image_hashes[i],
-                                               "tag": tag, "response": text.strip()}) + "\n")
-            if cache_fh:
-                cache_fh.flush()
-            bar.update(len(batch.indices))
-        bar.close()
-    finally:
-        if cache_fh:
-            cache_fh.close()
-        model.train(was_training)
-    return [results[k] for k in keys]

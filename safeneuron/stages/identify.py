@@ -1,4 +1,4 @@
-"""Safety-neuron identification: record, score, select, write artifacts.
+"""The ``identify`` stage: record, score, select safety neurons, write artifacts.
 
 Pipeline (each step a small function)::
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 from safeneuron.errors import SafeneuronError
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,15 +35,25 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from safeneuron import __version__
 from safeneuron.activations import ActivationStats, collect_activations, record_activations
 from safeneuron.arch import backbone_model_type, find_mlps
-from safeneuron.artifacts import ArtifactError, load_tensors, read_json, save_tensors, write_json
+from safeneuron.artifacts import (
+    ArtifactError,
+    StageDir,
+    load_tensors,
+    read_json,
+    save_tensors,
+    sha256_text,
+    timestamp,
+    versions,
+    write_json,
+)
 from safeneuron.config import ConfigError, IdentifyConfig, settings_hash
+from safeneuron.data.images import MultimodalPromptSet, load_multimodal_set
 from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts
 from safeneuron.distributed import all_merge_stats, barrier, shard, world
 from safeneuron.masks import SafetyNeuronMask
-from safeneuron.models import LoadedModel, is_vlm_checkpoint, load_model, weights_hash
+from safeneuron.models import LoadedModel, is_vlm, is_vlm_checkpoint, load_model, processor_of, weights_hash
 from safeneuron.scoring import (
     NeuronScores,
     cap_top_frac,
@@ -58,11 +67,10 @@ from safeneuron.scoring import (
     score_neurons,
     select_by_t,
 )
-from safeneuron.vlm import MultimodalPromptSet, is_vlm, load_multimodal_set, processor_of, record_multimodal_activations
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Identification", "identify", "score_stats", "select_safety_neurons", "OutputDirError", "versions"]
+__all__ = ["Identification", "identify", "score_stats", "select_safety_neurons", "OutputDirError"]
 
 # Fields that do not change the result (excluded from the settings hash).
 _NOT_RESULT = ("device", "batch_size", "checkpoint_every", "trust_remote_code", "stats_device")
@@ -94,14 +102,8 @@ class Identification:
         for key, value in raw.items():
             mlp, name = key.rsplit(".", 1)
             scores.setdefault(mlp, {})[name] = value
-        sets = {s: SafetyNeuronMask.load(out / "safety_neurons.safetensors", set=s) for s in manifest["sets"]}
+        sets = {s: SafetyNeuronMask.load(out / "safety_neurons.safetensors", neuron_set=s) for s in manifest["sets"]}
         return cls(scores, sets, manifest)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"safeneuron": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # --------------------------------------------------------------------------- pure steps
@@ -186,7 +188,7 @@ def _neurostrike(loaded: LoadedModel, harmful: PromptSet, harmless: PromptSet, c
 def _load_sets(config: IdentifyConfig, multimodal: bool = False
                ) -> tuple[PromptSet | MultimodalPromptSet, PromptSet | MultimodalPromptSet]:
     """The two classes' prompts: text prompts, or for a VLM image+text prompts
-    (:func:`safeneuron.vlm.load_multimodal_set`: image JSONL files, ``builtin:`` multimodal
+    (:func:`safeneuron.data.images.load_multimodal_set`: image JSONL files, ``builtin:`` multimodal
     sets, text sets typeset as images)."""
     load = load_multimodal_set if multimodal else load_prompts
     harmful = load(config.harmful, default="harmful", column=config.prompt_column, limit=config.max_prompts,
@@ -200,8 +202,6 @@ def _load_sets(config: IdentifyConfig, multimodal: bool = False
 
 
 def _run_key(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None) -> str:
-    from safeneuron.artifacts import sha256_text
-
     return sha256_text(settings_hash(config, _NOT_RESULT), harmful.sha256, harmless.sha256, str(whash))[:16]
 
 
@@ -221,138 +221,153 @@ def identify(
     """
     config = config or IdentifyConfig()
     config.validate()
-    out = Path(out)
     t_start = time.perf_counter()
+    run = _prepare(config, loaded)  # prompts first: a bad prompt file fails before a model is loaded
+    stage = StageDir(Path(out), "identify.json", _run_key(run.config, run.harmful, run.harmless, run.whash),
+                     "an identification", OutputDirError)
+    if stage.complete() and not overwrite:
+        logger.info("%s: identification already complete; reusing it", stage.path)
+        return Identification.load(stage.path)
+    stage.claim(overwrite, remove=("scores.safetensors", "safety_neurons.safetensors", "stats.safetensors",
+                                   "categories"), sync=barrier, main=world()[0] == 0)
+    if run.config.method == "neurostrike":
+        selection = _select_neurostrike(run, progress)
+    else:
+        selection = _select_stats(run, stage, progress)
+    if world()[0] != 0:  # the main process writes; the others wait and reopen its artifacts
+        barrier()
+        return Identification.load(stage.path)
+    _write_artifacts(run, stage, selection, t_start)
+    shutil.rmtree(stage.path / ".partial", ignore_errors=True)
+    barrier()
+    return Identification.load(stage.path)
+
+
+@dataclass
+class _Run:
+    """What an identification runs on: its settings (pooling resolved), the loaded model, the two classes'
+    prompts (image+text for a VLM), the weights' hash, the ES threshold, the MLP sites and timings."""
+
+    config: IdentifyConfig
+    loaded: LoadedModel
+    harmful: PromptSet | MultimodalPromptSet
+    harmless: PromptSet | MultimodalPromptSet
+    whash: str | None
+    tau_es: float
+    sites: list
+    timings: dict[str, float]
+
+    @property
+    def image_text(self) -> bool:
+        return self.loaded.is_vlm
+
+
+@dataclass
+class _Selection:
+    """The scores (flat ``<mlp>.<score>`` keys), the selected sets, the statistics' false-selection bound and the
+    per-category results of an identification."""
+
+    flat_scores: dict[str, torch.Tensor]
+    sets: dict[str, SafetyNeuronMask]
+    expected_false: float | None
+    categories: dict[str, dict]
+
+
+def _prepare(config: IdentifyConfig, loaded: LoadedModel | None) -> _Run:
+    """Load the prompts (image+text for a VLM), then the model; resolve the pooling and the ES threshold."""
     timings: dict[str, float] = {}
-    # prompts first (a bad prompt file fails before a model is loaded); a VLM gets image+text prompts
     multimodal = is_vlm(loaded.model) if loaded is not None else is_vlm_checkpoint(config.model,
                                                                                    config.trust_remote_code)
     harmful, harmless = _load_sets(config, multimodal)
-
     t0 = time.perf_counter()
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device,
                             trust_remote_code=config.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
-    if is_vlm(loaded.model) != multimodal:  # the config alone could not tell (e.g. an unreachable hub config)
+    if loaded.is_vlm != multimodal:  # the config alone could not tell (e.g. an unreachable hub config)
         multimodal = not multimodal
         harmful, harmless = _load_sets(config, multimodal)
     if config.position is None:  # a VLM's prompt ends after its image tokens: pool the last position
         config = replace(config, position="last" if multimodal else "max")
     if multimodal and config.method == "neurostrike":
-        raise ConfigError("--method neurostrike records text prompts only; identify a vision-language model "
-                             "with --method stats")
-    whash = weights_hash(loaded.path)
-    run_key = _run_key(config, harmful, harmless, whash)
-    rank, size = world()
-
-    manifest_path = out / "identify.json"
-    if manifest_path.exists():
-        try:
-            previous = read_json(manifest_path)
-        except ArtifactError:
-            previous = {}
-        if previous.get("run_key") == run_key and not overwrite:
-            logger.info("%s: identification already complete; reusing it", out)
-            return Identification.load(out)
-        if not overwrite:
-            raise OutputDirError(
-                f"{out} holds an identification with other settings, prompts or weights; "
-                "pass --overwrite or choose another --out"
-            )
-        barrier()  # every process has read the old manifest before it goes
-        if rank == 0:
-            for name in ("identify.json", "scores.safetensors", "safety_neurons.safetensors", "stats.safetensors"):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "categories", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model_type = loaded.model_type
+        raise ConfigError("method neurostrike records text prompts only; identify a vision-language model "
+                          "with method stats", fields=("method",))
     backbone = backbone_model_type(loaded.model)  # a VLM's language model sets the ES threshold
     tau_es = config.tau_es if config.tau_es is not None else default_tau_es(backbone)
-    sites = find_mlps(loaded.model)
-    n_neurons = sum(s.d_ff for s in sites)
-    categories_out: dict[str, dict] = {}
+    return _Run(config, loaded, harmful, harmless, weights_hash(loaded.path), tau_es, find_mlps(loaded.model),
+                timings)
 
-    if config.method == "neurostrike":
-        if size > 1:
-            raise OutputDirError("--method neurostrike runs in one process; launch it without accelerate/torchrun")
-        t0 = time.perf_counter()
-        raw_scores, sets, probe_s = _neurostrike(loaded, harmful, harmless, config, progress)
-        timings["record_s"] = time.perf_counter() - t0 - probe_s
-        timings["probe_s"] = probe_s
-        flat_scores = {f"{mlp}.{k}": v for mlp, d in raw_scores.items() for k, v in d.items()}
-        expected_false = None
-    else:
-        stats, timings["record_s"] = _record_with_checkpoints(loaded, shard(harmful), shard(harmless), config, out,
-                                                              run_key, progress and rank == 0)
-        if size > 1:
-            groups = ["harmful", "harmless"]
-            if config.by_category:
-                groups += [f"harmful/{c}" for c in harmful.category_names()]
-            stats = all_merge_stats(stats, groups, [s.name for s in sites])
-        t0 = time.perf_counter()
-        scores = score_stats(stats)
-        sets = select_safety_neurons(scores, len(harmful), len(harmless), tau_es=tau_es, tau_sas=config.tau_sas,
-                                     select=config.select, alpha=config.alpha, correction=config.correction,
-                                     top_frac=config.top_frac)
-        timings["score_s"] = time.perf_counter() - t0
-        flat_scores = {f"{mlp}.{k}": v for mlp, s in scores.items() for k, v in s.as_dict().items()}
-        expected_false = expected_false_selections(n_neurons, tau_es, len(harmful), len(harmless))
-        if rank == 0:
-            save_tensors(out / "stats.safetensors", stats.to_tensors(), {"position": config.position})
-            if config.by_category:
-                categories_out = _write_categories(stats, config, tau_es, out)
 
-    if rank != 0:  # the main process writes; the others wait and reopen its artifacts
-        barrier()
-        return Identification.load(out)
+def _select_neurostrike(run: _Run, progress: bool) -> _Selection:
+    if world()[1] > 1:
+        raise OutputDirError("method 'neurostrike' runs in one process; launch it without accelerate/torchrun",
+                             fields=("method",))
     t0 = time.perf_counter()
-    save_tensors(out / "scores.safetensors", flat_scores)
-    save_tensors(out / "safety_neurons.safetensors",
-                 {f"{mlp}.{name}": m for name, mask in sets.items() for mlp, m in mask.masks.items()})
-    per_layer = {s.name: {name: int(mask.masks[s.name].sum()) for name, mask in sets.items()} for s in sites}
+    raw_scores, sets, probe_s = _neurostrike(run.loaded, run.harmful, run.harmless, run.config, progress)
+    run.timings["record_s"] = time.perf_counter() - t0 - probe_s
+    run.timings["probe_s"] = probe_s
+    return _Selection({f"{mlp}.{k}": v for mlp, d in raw_scores.items() for k, v in d.items()}, sets, None, {})
+
+
+def _select_stats(run: _Run, stage: StageDir, progress: bool) -> _Selection:
+    """Record the statistics (this process's shard; merged across processes), score, select, and write the
+    raw statistics and the per-category sets."""
+    config, (rank, size) = run.config, world()
+    stats, run.timings["record_s"] = _record_with_checkpoints(run.loaded, shard(run.harmful), shard(run.harmless),
+                                                              config, stage.path, stage.run_key,
+                                                              progress and rank == 0)
+    if size > 1:
+        groups = ["harmful", "harmless"]
+        if config.by_category:
+            groups += [f"harmful/{c}" for c in run.harmful.category_names()]
+        stats = all_merge_stats(stats, groups, [s.name for s in run.sites])
+    t0 = time.perf_counter()
+    scores = score_stats(stats)
+    sets = select_safety_neurons(scores, len(run.harmful), len(run.harmless), tau_es=run.tau_es,
+                                 tau_sas=config.tau_sas, select=config.select, alpha=config.alpha,
+                                 correction=config.correction, top_frac=config.top_frac)
+    run.timings["score_s"] = time.perf_counter() - t0
+    n_neurons = sum(s.d_ff for s in run.sites)
+    categories: dict[str, dict] = {}
+    if rank == 0:
+        save_tensors(stage.path / "stats.safetensors", stats.to_tensors(), {"position": config.position})
+        if config.by_category:
+            categories = _write_categories(stats, config, run.tau_es, stage.path)
+    return _Selection({f"{mlp}.{k}": v for mlp, s in scores.items() for k, v in s.as_dict().items()}, sets,
+                      expected_false_selections(n_neurons, run.tau_es, len(run.harmful), len(run.harmless)),
+                      categories)
+
+
+def _write_artifacts(run: _Run, stage: StageDir, selection: _Selection, t_start: float) -> None:
+    """Scores, sets, then ``identify.json`` (last: its presence marks the stage complete)."""
+    t0 = time.perf_counter()
+    save_tensors(stage.path / "scores.safetensors", selection.flat_scores)
+    save_tensors(stage.path / "safety_neurons.safetensors",
+                 {f"{mlp}.{name}": m for name, mask in selection.sets.items() for mlp, m in mask.masks.items()})
+    sites, sets, config = run.sites, selection.sets, run.config
+    n_neurons = sum(s.d_ff for s in sites)
     totals = {name: mask.count() for name, mask in sets.items()}
-    timings["write_s"] = time.perf_counter() - t0
-    timings["wall_s"] = time.perf_counter() - t_start
-    manifest = {
-        "method": config.method,
-        "model": loaded.name,
-        "model_path": loaded.path,
-        "model_type": model_type,
-        "backbone_model_type": backbone,
-        "inputs": "image+text" if multimodal else "text",
-        "weights_sha256": whash,
-        "n_layers": len(sites),
-        "d_ff": sites[0].d_ff,
-        "n_neurons": n_neurons,
-        "n_harmful": len(harmful),
-        "n_harmless": len(harmless),
-        "processes": size,
-        "harmful": {"source": harmful.source, "sha256": harmful.sha256, "n": len(harmful)},
-        "harmless": {"source": harmless.source, "sha256": harmless.sha256, "n": len(harmless)},
-        "position": config.position,
-        "tau_es": tau_es,
-        "tau_sas": config.tau_sas,
-        "tau_t": es_threshold_as_t(tau_es, len(harmful), len(harmless)),
-        "false_selection_bound_per_neuron": false_selection_bound(es_threshold_as_t(tau_es, len(harmful), len(harmless))),
-        "expected_false_selections": expected_false,
-        "sets": list(sets),
-        "selected_total": totals,
+    run.timings["write_s"] = time.perf_counter() - t0
+    run.timings["wall_s"] = time.perf_counter() - t_start
+    n_u, n_s = len(run.harmful), len(run.harmless)
+    tau_t = es_threshold_as_t(run.tau_es, n_u, n_s)
+    stage.write_manifest({
+        "method": config.method, "model": run.loaded.name, "model_path": run.loaded.path,
+        "model_type": run.loaded.model_type, "backbone_model_type": backbone_model_type(run.loaded.model),
+        "inputs": "image+text" if run.image_text else "text", "weights_sha256": run.whash,
+        "n_layers": len(sites), "d_ff": sites[0].d_ff, "n_neurons": n_neurons, "n_harmful": n_u, "n_harmless": n_s,
+        "processes": world()[1],
+        "harmful": {"source": run.harmful.source, "sha256": run.harmful.sha256, "n": n_u},
+        "harmless": {"source": run.harmless.source, "sha256": run.harmless.sha256, "n": n_s},
+        "position": config.position, "tau_es": run.tau_es, "tau_sas": config.tau_sas, "tau_t": tau_t,
+        "false_selection_bound_per_neuron": false_selection_bound(tau_t),
+        "expected_false_selections": selection.expected_false, "sets": list(sets), "selected_total": totals,
         "selected_fraction": {k: v / n_neurons for k, v in totals.items()},
-        "selected_per_layer": per_layer,
-        "categories": categories_out,
-        "settings": asdict(config),
-        "run_key": run_key,
-        "timings": timings,
-        "wall_time_s": timings["wall_s"],
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(manifest_path, manifest)  # written last: its presence marks the stage complete
-    shutil.rmtree(out / ".partial", ignore_errors=True)
-    barrier()
-    return Identification.load(out)
+        "selected_per_layer": {s.name: {name: int(mask.masks[s.name].sum()) for name, mask in sets.items()}
+                               for s in sites},
+        "categories": selection.categories, "settings": asdict(config), "run_key": stage.run_key,
+        "timings": run.timings, "wall_time_s": run.timings["wall_s"], "versions": versions(), "created": timestamp(),
+    })
 
 
 def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_key: str, progress: bool):
@@ -383,12 +398,9 @@ def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_k
         write_json(progress_file, progress_info)  # for people reading the directory; resume trusts the metadata
 
     t0 = time.perf_counter()
-    if is_vlm(loaded.model):  # the prompts become typographic image+text prompts (safeneuron.vlm)
-        record, inputs = record_multimodal_activations, processor_of(loaded)
-    else:
-        record, inputs = record_activations, loaded.tokenizer
-    stats = record(
-        loaded.model, inputs, {"harmful": harmful, "harmless": harmless},
+    processing = processor_of(loaded) if loaded.is_vlm else loaded.tokenizer  # a VLM sees image+text prompts
+    stats = record_activations(
+        loaded.model, processing, {"harmful": harmful, "harmless": harmless},
         position=config.position, batch_size=config.batch_size, max_length=config.max_length,
         by_category=("harmful",) if config.by_category else False, stats=stats, skip_batches=skip, on_batch=checkpoint,
         progress=progress, stats_device=config.stats_device,

@@ -1,0 +1,235 @@
+"""The commands: one table, each entry a stage's flags and the function that runs it.
+
+A command builds its stage's config from the flags (:func:`~safeneuron.cli.flags.config_from_args`),
+calls the library, and prints the stage's summary (:mod:`safeneuron.cli.summaries`). Stage
+modules are imported when their command runs, so ``safeneuron --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from safeneuron.cli.flags import add_config_flags, config_from_args
+from safeneuron.cli.summaries import (
+    align_summary,
+    analysis_summary,
+    attack_summary,
+    identify_summary,
+    prefs_summary,
+    run_summary,
+)
+from safeneuron.config import (
+    DEFAULT_CONFIG,
+    STAGES,
+    AlignConfig,
+    AnalyzeConfig,
+    AttackConfig,
+    EvalConfig,
+    IdentifyConfig,
+    PrefsConfig,
+)
+
+__all__ = ["Command", "COMMANDS", "add_commands"]
+
+
+# --------------------------------------------------------------------------- what each command does
+def cmd_identify(args: argparse.Namespace) -> int:
+    from safeneuron.stages.identify import identify
+
+    result = identify(config_from_args(IdentifyConfig, args), args.out, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    print(identify_summary(result, top=args.top))
+    print(f"\nartifacts: {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_prefs(args: argparse.Namespace) -> int:
+    from safeneuron.data.preferences import load_preferences, read_manifest
+    from safeneuron.models import load_model
+    from safeneuron.stages.prefs import synthesize_preferences
+
+    config = config_from_args(PrefsConfig, args).resolved()
+    out = Path(args.out)
+    if config.source:
+        result = load_preferences(config.source, format=config.format, prefer=config.prefer, split=config.split,
+                                  limit=config.limit, seed=config.seed)
+        result.write_jsonl(out)
+        kinds = "converted"
+    else:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device,
+                            trust_remote_code=config.trust_remote_code)
+        result = synthesize_preferences(loaded, config, out, progress=not args.no_progress)
+        kinds = "synthesised"
+        print(prefs_summary(read_manifest(out)["report"]))
+    print(f"{kinds} {len(result)} pairs -> {out.resolve()}")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from safeneuron.stages.align import align
+
+    result = align(config_from_args(AlignConfig, args), args.prefs, args.out, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    print(align_summary(result))
+    print(f"\nartifacts: {Path(args.out).resolve()}  (final model: {Path(args.out).resolve() / 'model'})")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from safeneuron.stages.attack import run_attack
+
+    report = run_attack(config_from_args(AttackConfig, args), args.out, progress=not args.no_progress)
+    print(attack_summary(report))
+    if report["saved_model"]:
+        print(f"\npruned model: {report['saved_model']}")
+    print(f"\nartifacts: {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from safeneuron.stages.evaluate import evaluate_models, results_markdown
+
+    results = evaluate_models(args.model or [None], config_from_args(EvalConfig, args), args.out,
+                              progress=not args.no_progress)
+    print(results_markdown(results))
+    print(f"results: {(Path(args.out) / 'results.json').resolve()} ({results.get('wall_time_s', 0):.0f} s)")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from safeneuron.stages.analyze import analyze
+
+    result = analyze(config_from_args(AnalyzeConfig, args), args.out, progress=not args.no_progress)
+    print(analysis_summary(result))
+    print(f"\nartifacts: {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from safeneuron.report import build_report
+
+    path = build_report(args.dir, args.out)
+    print(f"report: {path.resolve()}")
+    print(f"summary: {path.with_name('summary.md').resolve()}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from safeneuron.pipeline import load_run_config, run
+
+    config = load_run_config(args.config, out=args.out, quick=True if args.quick else None, model=args.model)
+    run(config, stages=tuple(args.stages.split(",")) if args.stages else STAGES, progress=not args.no_progress)
+    print(run_summary(Path(config.out)))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from safeneuron import embedded
+
+    if args.action == "list":
+        for name, spec in embedded.EMBEDDED_MODELS.items():
+            state = "pulled" if embedded.is_pulled(name) else "not pulled"
+            default = " (default)" if name == embedded.DEFAULT_MODEL else ""
+            print(f"{name}{default}: {spec.description} [{state}]")
+        return 0
+    print(embedded.pull(args.name or embedded.DEFAULT_MODEL, force=args.force))
+    return 0
+
+
+# --------------------------------------------------------------------------- their own flags
+def _out(default: str, what: str = "output directory"):
+    return lambda p: p.add_argument("--out", default=default, help=f"{what} (default: {default})")
+
+
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace another run's artifacts in --out")
+
+
+def _identify_flags(p: argparse.ArgumentParser) -> None:
+    _out("identify")(p)
+    _overwrite(p)
+    p.add_argument("--top", type=int, default=10, help="top neurons to list in the summary")
+
+
+def _align_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefs", default=None,
+                   help="preference pairs (JSONL/CSV/JSON or hf:<name>); default: synthesise them from the model "
+                        "into OUT/prefs/")
+    _out("align")(p)
+    _overwrite(p)
+
+
+def _evaluate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=None,
+                   help="model to evaluate (hub id, directory, embedded name); repeat for several (default: the "
+                        "embedded default)")
+    _out("eval")(p)
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help=f"TOML/YAML run config (default: {DEFAULT_CONFIG.name} in the package)")
+    p.add_argument("--out", default=None, help="run directory (default from the config: runs/main)")
+    p.add_argument("--model", default=None, help="model to align (default: the embedded default)")
+    p.add_argument("--quick", action="store_true", help="quick profile: a first look in a few minutes")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+
+
+def _report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="main-job directory (or one stage's output directory)")
+    p.add_argument("--out", default=None, help="HTML file to write (default: DIR/report.html; summary.md beside it)")
+
+
+def _models_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("name", nargs="?", help="embedded model name (default: the embedded default)")
+    p.add_argument("--force", action="store_true", help="convert again even if cached")
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name and help, the config whose fields become flags, its own flags, what it runs."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    config: type | None = None
+    flags: Callable[[argparse.ArgumentParser], None] | None = None
+    progress: bool = True  # takes --no-progress
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("identify", "find safety neurons (ES + SAS, or NeuroStrike probes)", cmd_identify, IdentifyConfig,
+            _identify_flags),
+    Command("prefs", "synthesise a safety preference set from the model, or convert a file", cmd_prefs, PrefsConfig,
+            _out("prefs.jsonl", "output JSONL")),
+    Command("align", "neuron-frozen iterative DPO (or the dpo / sn-tune baselines)", cmd_align, AlignConfig,
+            _align_flags),
+    Command("attack", "neuron-pruning attack: ASR before/after pruning safety neurons", cmd_attack, AttackConfig,
+            _out("attack")),
+    Command("evaluate", "compare models: ASR, pruning attack, jailbreaks, over-refusal, capability, red-team misuse",
+            cmd_evaluate, EvalConfig, _evaluate_flags),
+    Command("analyze", "layer distribution, category overlap and layer-wise separability", cmd_analyze,
+            AnalyzeConfig, _out("analysis")),
+    Command("report", "build report.html and summary.md from a run directory's artifacts", cmd_report, None,
+            _report_flags, progress=False),
+    Command("run", "the main job: identify, prefs, align (safeneuron + DPO), evaluate, analyze, report", cmd_run,
+            None, _run_flags),
+    Command("models", "list or pull the embedded models", cmd_models, None, _models_flags, progress=False),
+)
+
+
+def add_commands(subparsers) -> None:
+    """One subparser per entry of :data:`COMMANDS`."""
+    for command in COMMANDS:
+        p = subparsers.add_parser(command.name, help=command.help)
+        if command.config is not None:
+            add_config_flags(p, command.config)
+        if command.flags is not None:
+            command.flags(p)
+        if command.progress:
+            p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=command.run)

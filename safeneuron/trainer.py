@@ -1,0 +1,124 @@
+"""The neuron-frozen DPO trainer: TRL's ``DPOTrainer`` plus a :class:`~safeneuron.freezing.NeuronFreezer`.
+
+:class:`SafeNeuronDPOTrainer` is what one round of the method trains with (the rounds
+themselves, identification and artifacts are the ``align`` stage,
+:mod:`safeneuron.stages.align`); :func:`dpo_config` and :func:`lora_config` build
+TRL's and peft's configs from an :class:`~safeneuron.config.AlignConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from safeneuron.config import AlignConfig
+from safeneuron.distributed import DistributedFreezeCallback, all_true
+from safeneuron.freezing import NeuronFreezer
+from safeneuron.masks import SafetyNeuronMask
+from safeneuron.models import pick_device
+
+try:
+    from trl import DPOConfig, DPOTrainer
+except ImportError:  # pragma: no cover - trl is a dependency
+    DPOConfig = DPOTrainer = None  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SafeNeuronDPOTrainer", "dpo_config", "lora_config"]
+
+
+# --------------------------------------------------------------------------- the trainer
+class SafeNeuronDPOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` with a set of neurons frozen bit-exactly during training.
+
+    Args (besides DPOTrainer's):
+        frozen: the safety neurons (keys: MLP module names); None = plain DPO.
+        ablate: zero the frozen neurons' activations in training forward passes
+            (None: yes, unless ``invert``).
+        invert: train only the ``frozen`` neurons instead (SN-Tune).
+        freeze_embeddings / freeze_attention / freeze_layers: also freeze whole modules.
+
+    The freezer is installed after TRL has built (and, with ``peft_config``, wrapped)
+    the model and before the optimizer exists; it restores the frozen entries after
+    every optimizer step. Under ``accelerate launch`` / ``torchrun`` it is bound to the
+    model accelerate prepared at the start of training (DDP, FSDP2; see
+    :mod:`safeneuron.distributed`). Call :meth:`remove_freezing` before saving or
+    reusing the model outside training.
+    """
+
+    def __init__(
+        self,
+        *args,
+        frozen: SafetyNeuronMask | None = None,
+        ablate: bool | None = None,
+        invert: bool = False,
+        freeze_embeddings: bool = False,
+        freeze_attention: bool = False,
+        freeze_layers: Sequence[int] = (),
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.freezer: NeuronFreezer | None = None
+        if frozen is not None:
+            self.freezer = NeuronFreezer(self.model, frozen, ablate=ablate, invert=invert,
+                                         freeze_embeddings=freeze_embeddings, freeze_attention=freeze_attention,
+                                         freeze_layers=freeze_layers).install()
+            self.add_callback(self.freezer.callback())
+            self.add_callback(DistributedFreezeCallback(self.freezer))
+
+    def remove_freezing(self) -> dict | None:
+        """Remove the hooks; returns the freezer's summary with ``exact`` (frozen entries unchanged).
+
+        Under a launch, ``exact`` covers every process (a collective: call it on all of
+        them) and ``changed`` lists this process's parameters.
+        """
+        if self.freezer is None:
+            return None
+        changed = self.freezer.changed()
+        summary = dict(self.freezer.summary(), exact=all_true(not changed), changed=changed)
+        self.freezer.remove()
+        return summary
+
+
+def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None = None,
+               progress: bool = True) -> "DPOConfig":
+    """TRL's ``DPOConfig`` for one round of ``config`` (CPU when no GPU; no reporting)."""
+    device = pick_device(config.device)
+    on_gpu = device.type == "cuda"
+    bf16 = on_gpu if config.bf16 is None else config.bf16
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=config.beta,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        max_grad_norm=config.max_grad_norm,
+        gradient_checkpointing=config.gradient_checkpointing,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=not on_gpu,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        seed=config.seed if seed is None else seed,
+        data_seed=config.seed if seed is None else seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+
+
+def lora_config(config: AlignConfig):
+    """The peft ``LoraConfig`` of ``config`` (all linear layers but the output layer by default)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
