@@ -25,7 +25,7 @@ from safeneuron.arch import MLPSite, find_mlps
 from safeneuron.data.images import MultimodalPrompt, as_image_text, is_image_text
 from safeneuron.data.prompts import PromptSet
 from safeneuron.hooks import neuron_hooks
-from safeneuron.inputs import forward_without_logits, iter_batches, model_device, prompt_batches
+from safeneuron.inputs import SPANS, forward_without_logits, iter_batches, model_device, prompt_batches
 from safeneuron.models import is_vlm
 
 logger = logging.getLogger(__name__)
@@ -154,14 +154,20 @@ class ActivationStats:
 
 
 # --------------------------------------------------------------------------- pooling
-def pool_tokens(x: torch.Tensor, attention_mask: torch.Tensor, position: str) -> torch.Tensor:
+def pool_tokens(x: torch.Tensor, attention_mask: torch.Tensor, position: str,
+                span: torch.Tensor | None = None) -> torch.Tensor:
     """Pool activations [batch, seq, d] over non-padding tokens to [batch, d] float32.
 
     ``max``: maximum over the prompt's tokens; ``last``: the final non-padding token
     (the end of the generation prompt); ``mean``: average over the prompt's tokens.
-    Padding positions (``attention_mask == 0``) never enter.
+    Padding positions (``attention_mask == 0``) never enter. ``span`` [batch, seq] (bool)
+    restricts ``max`` and ``mean`` to those tokens (a row with an empty span uses all of
+    its tokens); ``last`` is always the final token.
     """
     mask = attention_mask.to(device=x.device, dtype=torch.bool)
+    if span is not None and position != "last":
+        span = span.to(device=x.device, dtype=torch.bool) & mask
+        mask = torch.where(span.any(1, keepdim=True), span, mask)
     if position == "max":
         return x.masked_fill(~mask[..., None], float("-inf")).amax(1).float()
     if position == "last":
@@ -181,6 +187,7 @@ def record_activations(
     prompt_sets: Mapping[str, PromptSet | Sequence[MultimodalPrompt]],
     *,
     position: str = "max",
+    span: str = "prompt",
     batch_size: int = 16,
     max_length: int = 512,
     by_category: bool | Collection[str] = False,
@@ -204,6 +211,9 @@ def record_activations(
         processing: the tokenizer (text model) or the processor (VLM).
         prompt_sets: label -> prompts, e.g. ``{"harmful": ..., "harmless": ...}``.
         position: token pooling, one of :data:`POSITIONS`.
+        span: the tokens ``max``/``mean`` pool over, one of :data:`~safeneuron.inputs.SPANS`: ``prompt``
+            (every token), ``content`` (the user's text only) or ``post`` (after it); image+text prompts
+            always pool over the whole prompt.
         max_length: text prompts are truncated from the left at this many tokens;
             image+text prompts are never cut (a longer batch only warns).
         by_category: also keep statistics per ``<label>/<category>`` (True: for every
@@ -222,6 +232,8 @@ def record_activations(
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
+    if span not in SPANS:
+        raise ValueError(f"unknown span {span!r}; choose one of {', '.join(SPANS)}")
     stats = stats if stats is not None else ActivationStats(position)
     image_text = is_vlm(model) or any(is_image_text(ps) for ps in prompt_sets.values())
     prompts: list = []
@@ -243,7 +255,7 @@ def record_activations(
         if acts.shape[:2] != mask.shape:
             raise RuntimeError(f"{site.name}: activations {tuple(acts.shape)} do not align with the attention mask "
                                f"{tuple(mask.shape)}; this model changes the sequence inside the model")
-        pooled = pool_tokens(acts.detach(), mask, position).to(acc_device)
+        pooled = pool_tokens(acts.detach(), mask, position, state["span"]).to(acc_device)
         for group, rows in state["rows"].items():
             stats.add(group, site.name, pooled[rows] if len(rows) < pooled.shape[0] else pooled)
         return None
@@ -263,6 +275,7 @@ def record_activations(
                     for g in groups[i]:
                         rows.setdefault(g, []).append(r)
                 state["mask"] = batch.inputs["attention_mask"]
+                state["span"] = batch.spans.get(span)  # None for "prompt" and for image+text prompts
                 if image_text and state["mask"].shape[1] > max_length:
                     logger.warning("batch %d: %d tokens (image tokens included) > max_length=%d; not truncated",
                                    b + 1, state["mask"].shape[1], max_length)

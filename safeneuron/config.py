@@ -162,6 +162,10 @@ class IdentifyConfig:
     position: Position | None = None
     """Token pooling per prompt: ``max`` over the prompt, ``last`` token, or ``mean``; None = ``max`` for text models,
     ``last`` (the end of the prompt, after the image tokens) for vision-language models."""
+    span: Literal["prompt", "content", "post"] = "prompt"
+    """Tokens that ``max``/``mean`` pool over: ``prompt`` (every token of the rendered chat, the template's constant
+    system prompt and role markers included), ``content`` (the user's own text only) or ``post`` (the tokens after
+    it: end-of-turn marker and generation prompt). Text prompts; image+text prompts pool over the whole prompt."""
     tau_es: float | None = None
     """ES (Cohen's d) threshold; None = 3 for Qwen models, 2 for other families (a VLM: its language backbone's)."""
     tau_sas: float = 2.0
@@ -193,6 +197,17 @@ class IdentifyConfig:
     """Save partial statistics every this many batches (resume after a kill)."""
     stats_device: Literal["cpu", "model"] = "cpu"
     """Where the float64 accumulators live: ``cpu`` (offloaded) or ``model`` (the model's device; faster on GPU)."""
+    verify: bool = False
+    """Causal check: prune the union on the identified model and, separately, as many random neurons per layer, and
+    measure the ASR on held-out harmful prompts (plain / pruned / random, 95 % intervals, in identify.json's
+    ``verification``). Safety neurons raise the ASR when pruned; random ones barely move it."""
+    verify_prompts: int = 64
+    """Held-out harmful prompts of the causal check (seeded sample, none used by the identification)."""
+    verify_harmful: str | None = None
+    """Harmful prompts of the causal check: a set name, file or ``hf:<name>``; None = the identification's harmful
+    source; its identification prompts are always left out."""
+    verify_max_new_tokens: int = 64
+    """Tokens generated per answer in the causal check."""
 
     def validate(self) -> None:
         check_choices(self)
@@ -208,6 +223,9 @@ class IdentifyConfig:
             raise ConfigError("batch_size and max_length must be >= 1")
         if self.max_prompts is not None and self.max_prompts < 2:
             raise ConfigError(f"max_prompts must be >= 2 (variances need two prompts per class), got {self.max_prompts}")
+        if self.verify_prompts < 1 or self.verify_max_new_tokens < 1:
+            raise ConfigError("verify_prompts and verify_max_new_tokens must be >= 1",
+                              fields=("verify_prompts", "verify_max_new_tokens"))
 
 
 def from_dict(cls, data: dict[str, Any], where: str = "config", *, validate: bool = True):

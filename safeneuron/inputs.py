@@ -13,12 +13,18 @@
 
 Either way the last non-padding position of every row is the end of its generation
 prompt, and each :class:`Batch` lists the indices of its prompts in the input list.
+
+Token spans (:data:`SPANS`, text prompts with a fast tokenizer): ``prompt`` is every
+non-padding token of the rendered chat (the template's constant system prompt and role
+markers included), ``content`` the tokens of the user's own text, ``post`` the tokens after
+it (end-of-turn marker and generation prompt: refusal_direction's post-instruction
+positions). :attr:`Batch.spans` holds a [batch, seq] bool mask for ``content`` and ``post``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -30,16 +36,22 @@ from safeneuron.errors import SafeneuronError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batch", "prompt_batches", "iter_batches", "image_text_batches", "render_image_text_chat",
+__all__ = ["Batch", "SPANS", "prompt_batches", "iter_batches", "image_text_batches", "render_image_text_chat",
            "tokenizer_of", "model_device", "forward_without_logits"]
+
+
+#: The token spans a prompt can be pooled over (see the module docstring).
+SPANS = ("prompt", "content", "post")
 
 
 @dataclass
 class Batch:
-    """One batch: the prompts' indices in the input list and the model inputs."""
+    """One batch: the prompts' indices in the input list, the model inputs and, for text prompts, the
+    ``content`` and ``post`` token masks [batch, seq] (bool; see the module docstring)."""
 
     indices: list[int]
     inputs: dict[str, torch.Tensor]
+    spans: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -105,16 +117,43 @@ def iter_batches(
     if too_long:
         logger.warning("%d prompts are longer than max_length=%d tokens and were truncated", too_long, max_length)
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    content = [_content_chars(t, p) for t, p in zip(texts, prompts)]
+    if fast and any(c is None for c in content):
+        logger.warning("the chat template changes %d prompt(s); their content span is the whole prompt",
+                       sum(c is None for c in content))
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, add_special_tokens=special)
+                        max_length=max_length, add_special_tokens=special, return_offsets_mapping=fast)
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-        batches.append(Batch(idx, {k: v.to(device) for k, v in inputs.items()}))
+        spans = _span_masks(enc["offset_mapping"], inputs["attention_mask"], [content[i] for i in idx]) if fast else {}
+        batches.append(Batch(idx, {k: v.to(device) for k, v in inputs.items()}, {k: v.to(device)
+                                                                                  for k, v in spans.items()}))
     return batches
+
+
+def _content_chars(text: str, prompt: str) -> tuple[int, int] | None:
+    """The character span of the user's text in the rendered chat (the last occurrence: a system prompt
+    comes first); None when the template does not keep it verbatim."""
+    start = text.rfind(prompt) if prompt else -1
+    return (start, start + len(prompt)) if start >= 0 else None
+
+
+def _span_masks(offsets: torch.Tensor, attention_mask: torch.Tensor,
+                content: list[tuple[int, int] | None]) -> dict[str, torch.Tensor]:
+    """``content`` and ``post`` token masks [batch, seq] from the tokens' character offsets [batch, seq, 2]."""
+    real = attention_mask.bool()
+    begin, end = offsets[..., 0], offsets[..., 1]
+    bounds = torch.tensor([c if c is not None else (0, 2**62) for c in content], dtype=begin.dtype)
+    lo, hi = bounds[:, :1], bounds[:, 1:]
+    inside = real & (end > lo) & (begin < hi) & (end > begin)
+    after = real & (begin >= hi)
+    fallback = torch.tensor([c is None for c in content])[:, None]
+    return {"content": torch.where(fallback, real, inside), "post": torch.where(fallback, real, after)}
 
 
 def render_image_text_chat(processor, prompts: Sequence[MultimodalPrompt]) -> list[str]:

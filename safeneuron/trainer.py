@@ -9,6 +9,7 @@ TRL's and peft's configs from an :class:`~safeneuron.config.AlignConfig`.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +26,7 @@ except ImportError:  # pragma: no cover - trl is a dependency
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SafeNeuronDPOTrainer", "dpo_config", "lora_config"]
+__all__ = ["SafeNeuronDPOTrainer", "dpo_config", "lora_config", "optimizer_steps", "warmup_steps", "training_dtype"]
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -81,12 +82,39 @@ class SafeNeuronDPOTrainer(DPOTrainer):
         return summary
 
 
-def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None = None,
-               progress: bool = True) -> "DPOConfig":
-    """TRL's ``DPOConfig`` for one round of ``config`` (CPU when no GPU; no reporting)."""
+def optimizer_steps(config: AlignConfig, n_pairs: int, world_size: int = 1) -> int:
+    """Optimizer steps of one round: ``max_steps``, else the epochs over ``n_pairs`` pairs in batches of
+    ``per_device_train_batch_size x gradient_accumulation_steps x world_size`` (the Trainer's count)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batches = math.ceil(n_pairs / (config.per_device_train_batch_size * world_size))
+    return max(1, math.ceil(math.ceil(batches / config.gradient_accumulation_steps) * config.num_train_epochs))
+
+
+def warmup_steps(config: AlignConfig, steps: int) -> int:
+    """Whole warmup steps for ``warmup_ratio`` of ``steps``, rounded down: a linear warmup starts at lr 0, so a
+    round of 8 steps at ratio 0.1 gets none rather than a first step that does not move the weights."""
+    return int(config.warmup_ratio * steps)
+
+
+def training_dtype(config: AlignConfig) -> str:
+    """The dtype the trained model is loaded in: full-parameter training keeps float32 master weights (bf16
+    autocast on a GPU does the matmuls; AdamW steps of lr 5e-6 round away in bf16 weights), LoRA trains fp32
+    adapters on weights in ``config.dtype``."""
+    return "float32" if config.dtype == "auto" and not config.lora else config.dtype
+
+
+def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None = None, progress: bool = True,
+               n_pairs: int | None = None, world_size: int = 1) -> "DPOConfig":
+    """TRL's ``DPOConfig`` for one round of ``config`` (CPU when no GPU; bf16 autocast on a GPU; no reporting).
+
+    ``n_pairs`` (the round's pairs) sizes the warmup in whole steps (:func:`warmup_steps`); without it
+    there is no warmup unless ``max_steps`` fixes the round's length.
+    """
     device = pick_device(config.device)
     on_gpu = device.type == "cuda"
     bf16 = on_gpu if config.bf16 is None else config.bf16
+    steps = optimizer_steps(config, n_pairs, world_size) if n_pairs is not None or config.max_steps > 0 else 0
     return DPOConfig(
         output_dir=str(output_dir),
         beta=config.beta,
@@ -95,7 +123,7 @@ def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None 
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
         lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=warmup_steps(config, steps),
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_length,

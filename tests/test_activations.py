@@ -110,5 +110,21 @@ def test_collect_up_outputs_splits_fused_gate_up():
     acts = collect_activations(model, tok, HARMFUL[:3], point="up_outputs", progress=False)
     assert sorted(acts)[:2] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
     assert acts["model.layers.0.mlp.gate_proj"].shape == (3, 48)
+    # the values: the two halves of gate_up_proj's output, pooled by max over each prompt's tokens
+    from safeneuron.activations import pool_tokens
+    from safeneuron.inputs import iter_batches
+
+    mlp = model.model.layers[0].mlp
+    seen = {}
+    handle = mlp.gate_up_proj.register_forward_hook(lambda m, a, out: seen.setdefault("out", out.detach()))
+    batch = iter_batches(tok, HARMFUL[:3], 3)[0]
+    with torch.no_grad():
+        model(**batch.inputs)
+    handle.remove()
+    gate, up = seen["out"].chunk(2, dim=-1)  # [batch, seq, 48] each
+    order = torch.tensor(batch.indices)
+    for key, half in (("gate_proj", gate), ("up_proj", up)):
+        expected = pool_tokens(half, batch.inputs["attention_mask"], "max")
+        torch.testing.assert_close(acts[f"model.layers.0.mlp.{key}"][order], expected)
     acts = collect_activations(tiny_model("gpt2"), tok, HARMFUL[:3], point="up_outputs", progress=False)
     assert "transformer.h.0.mlp.c_fc" in acts

@@ -1,12 +1,14 @@
 """Frozen neurons stay bit-exact under AdamW (weight decay, accumulation), full and LoRA;
 ablation only in training forward passes; clear errors."""
 
+import copy
 import pytest
 import torch
 
 from conftest import tiny_model
 from safeneuron.arch import find_mlps
 from safeneuron.freezing import FreezeError, NeuronFreezer
+from safeneuron.hooks import prune_weights
 from safeneuron.masks import MaskMismatchError, SafetyNeuronMask
 
 FAMILIES = ["llama", "gemma", "phi3", "gpt2"]
@@ -113,6 +115,8 @@ def test_ablation_only_in_training_forward_passes():
     ids = torch.randint(7, 100, (2, 9))
     with torch.no_grad():
         intact = model(input_ids=ids).logits
+    edited = copy.deepcopy(model)  # the intact model with the masked neurons' down-projection columns zeroed
+    prune_weights(edited, mask)
     with NeuronFreezer(model, mask, ablate=True):
         model.eval()
         with torch.no_grad():
@@ -121,6 +125,10 @@ def test_ablation_only_in_training_forward_passes():
         with torch.no_grad():
             ablated = model(input_ids=ids).logits
         assert not torch.allclose(ablated, intact)
+        # the value: a training pass is the intact model with the masked neurons removed
+        edited.train()
+        with torch.no_grad():
+            torch.testing.assert_close(ablated, edited(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     model.train()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, intact)  # hooks removed on exit

@@ -75,6 +75,9 @@ def test_sas_is_layer_zscore_and_requires_positive_shift():
     z = activation_shift_z(shift)
     np.testing.assert_allclose(z.numpy(), ((shift - shift.mean()) / shift.std(unbiased=False)).numpy(), rtol=1e-6)
     assert torch.equal(activation_shift_z(torch.zeros(4)), torch.zeros(4))
+    # by hand: mean 0, population sd sqrt(200 / 6) = 5.7735; z = +-10 / 5.7735 = +-1.7321
+    np.testing.assert_allclose(z.numpy()[4:], [1.7320508, -1.7320508], rtol=1e-6)
+    assert z[4] > 0 > z[5]  # the sign follows the shift: harmful above harmless is positive
 
 
 def test_selection_union_and_sets():
@@ -118,3 +121,19 @@ def test_neurostrike_probe_finds_the_informative_neuron():
     w = neurostrike_probe(x, y, epochs=300, lr=0.01)
     chosen = neurostrike_select(w, 3.0)
     assert chosen[5] and int(chosen.sum()) <= 3
+
+
+def test_sas_never_selects_a_neuron_whose_harmful_mean_is_lower():
+    """|z| is large for both a strongly raised and a strongly lowered neuron; only the raised one is a
+    safety neuron by SAS (and neither sign can be mistaken by ES, which is one-sided too)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(40, 30, generator=g)
+    s = torch.randn(40, 30, generator=g)
+    u[:, 0] += 4.0  # harmful far above harmless
+    u[:, 1] -= 4.0  # harmful far below harmless
+    scores = {"m": score_neurons(NeuronStats.of(u), NeuronStats.of(s))}
+    assert scores["m"].shift[0] > 0 > scores["m"].shift[1]
+    assert scores["m"].sas[0] > 2.0 and scores["m"].sas[1] < -2.0
+    sets = select_safety_neurons(scores, 40, 40, tau_es=2.0, tau_sas=2.0)
+    assert sets["sas"].masks["m"][0] and not sets["sas"].masks["m"][1]
+    assert sets["es"].masks["m"][0] and not sets["es"].masks["m"][1]

@@ -241,3 +241,19 @@ def test_align_without_prefs_synthesises_them(tmp_path, model_dir):
     rows = [json.loads(line) for line in prefs.read_text().splitlines()]
     assert result.manifest["prefs"]["n_pairs"] == min(len(rows), QUICK["align"]["max_pairs"]) > 0  # quick.toml caps
     assert {r["kind"] for r in rows} <= {"harmful", "harmless"} and result.manifest["rounds"] == 1  # quick profile
+
+
+def test_warmup_is_whole_steps_of_the_rounds_length_and_full_training_keeps_fp32(tmp_path):
+    from safeneuron.trainer import optimizer_steps, training_dtype, warmup_steps
+
+    config = AlignConfig(per_device_train_batch_size=2, gradient_accumulation_steps=4, num_train_epochs=3.0)
+    assert optimizer_steps(config, 90) == 36  # ceil(ceil(90 / 2) / 4) * 3
+    assert optimizer_steps(config, 90, world_size=2) == 18
+    assert optimizer_steps(AlignConfig(max_steps=5), 90) == 5
+    assert warmup_steps(config, 36) == 3 and warmup_steps(config, 8) == 0  # no step at lr 0 in a short round
+    args = dpo_config(config, tmp_path / "t", progress=False, n_pairs=90)
+    assert args.warmup_steps == 3 and args.get_warmup_steps(36) == 3
+    short = dpo_config(AlignConfig(max_steps=8), tmp_path / "s", progress=False)
+    assert short.warmup_steps == 0 and short.get_warmup_steps(8) == 0  # was a ratio: one step at lr 0
+    assert training_dtype(AlignConfig()) == "float32"  # full-parameter: fp32 master weights, bf16 autocast on GPU
+    assert training_dtype(AlignConfig(lora=True)) == "auto" and training_dtype(AlignConfig(dtype="bfloat16")) == "bfloat16"

@@ -31,6 +31,15 @@ def identify_summary(result, top: int = 10) -> str:
     if m.get("expected_false_selections") is not None:
         lines.append(f"expected false selections at tau_ES={m['tau_es']}: {m['expected_false_selections']:.3g} "
                      f"(bound 1-Phi({m['tau_t']:.2f}) per neuron)")
+    v = m.get("verification")
+    if v:
+        lines += ["", f"causal check on {v['harmful']['n']} held-out harmful prompts ({v['harmful']['source']}), "
+                      f"judge {v['judge']}:"]
+        for name, label in (("plain", "plain"), ("pruned", f"{v['neuron_set']} pruned"), ("random", "random, same count")):
+            r = v[name]
+            lines.append(f"  ASR {label:<20} {r['rate']:.1%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]  "
+                         f"({r['pruned']} neurons pruned)")
+        lines.append(f"  McNemar p vs plain: pruned {v['mcnemar_p']['pruned']:.3g}, random {v['mcnemar_p']['random']:.3g}")
     if m["method"] == "stats" and top:
         import torch  # the scores are tensors; imported here so that --help stays fast
 

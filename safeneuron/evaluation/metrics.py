@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Rate", "wilson_interval", "rate_of", "curve_area"]
+__all__ = ["Rate", "wilson_interval", "rate_of", "curve_area", "mcnemar_exact", "detectable_difference"]
 
 #: Two-sided 95 % normal quantile.
 Z95 = 1.959963984540054
@@ -77,3 +77,34 @@ def curve_area(curve: Sequence[Sequence[float]]) -> float | None:
         return sum(a for _, a in points) / len(points)
     area = sum((f1 - f0) * (a0 + a1) / 2 for (f0, a0), (f1, a1) in zip(points, points[1:]))
     return area / (points[-1][0] - points[0][0])
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Two-sided exact McNemar p-value for paired outcomes on the same prompts (e.g. two models' success flags).
+
+    Only the discordant pairs count: ``n01`` prompts where only ``b`` is True, ``n10`` where only ``a``
+    is; under the null each discordant pair goes either way with probability 1/2, so
+    ``p = P(Binomial(n01 + n10, 1/2) as or more extreme than min(n01, n10))`` (1.0 when no pair differs).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need the same prompts: {len(a)} vs {len(b)}")
+    n10 = sum(bool(x) and not bool(y) for x, y in zip(a, b))
+    n01 = sum(bool(y) and not bool(x) for x, y in zip(a, b))
+    if n10 + n01 == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(min(n10, n01), n10 + n01, 0.5).pvalue)
+
+
+def detectable_difference(n: int, alpha: float = 0.05, power: float = 0.8, p: float = 0.5) -> float:
+    """The smallest difference between two rates on ``n`` prompts each that a two-sided test at ``alpha``
+    detects with ``power`` (normal approximation, both rates near ``p``: the worst case at 0.5). Paired
+    tests on shared prompts do better when the models agree on most prompts; this is the conservative bound
+    a report quotes."""
+    if n <= 0:
+        return float("inf")
+    from scipy.stats import norm
+
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    return float(z * math.sqrt(2 * p * (1 - p) / n))

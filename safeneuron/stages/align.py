@@ -54,7 +54,7 @@ from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model, processor_of, save_model_dir, weights_hash
 from safeneuron.stages.identify import OutputDirError, identify
 from safeneuron.stages.prefs import synthesize_preferences
-from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config
+from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config, training_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _resume_checkpoint(trainer_dir: Path) -> str | None:
 
 def _load_round_model(path: Path, config: AlignConfig, name: str) -> LoadedModel:
     """A round's saved model under the base model's name (a VLM with its processor)."""
-    loaded = load_model(str(path), dtype=config.dtype, device=process_device(config.device),
+    loaded = load_model(str(path), dtype=training_dtype(config), device=process_device(config.device),
                         trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit)
     return dataclasses.replace(loaded, name=name, path=str(path))
 
@@ -298,7 +298,7 @@ class _Run:
 def _base_model(config: AlignConfig, loaded: LoadedModel | None) -> LoadedModel:
     """The model to align: ``loaded``, else ``config.model``; for QLoRA a 4-bit copy."""
     if loaded is None:
-        return load_model(config.model, dtype=config.dtype, device=process_device(config.device),
+        return load_model(config.model, dtype=training_dtype(config), device=process_device(config.device),
                           trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit)
     if config.load_in_4bit and not getattr(loaded.model, "is_loaded_in_4bit", False):
         return _load_round_model(Path(loaded.path), config, loaded.name)  # QLoRA trains on a 4-bit copy
@@ -398,7 +398,8 @@ def _train_round(run: _Run, model: nn.Module, ref: nn.Module | None, frozen: Saf
     """Build round ``r``'s :class:`SafeNeuronDPOTrainer` and train (from the last complete checkpoint in
     ``round_r/trainer/``, if any); returns the trainer and that checkpoint."""
     config = run.config
-    args = dpo_config(config, rdir / "trainer", seed=config.seed + r - 1, progress=run.progress)
+    args = dpo_config(config, rdir / "trainer", seed=config.seed + r - 1, progress=run.progress,
+                      n_pairs=len(run.pairs), world_size=world()[1])
     trainer = SafeNeuronDPOTrainer(
         model=model,
         ref_model=ref,

@@ -49,9 +49,13 @@ from safeneuron.artifacts import (
     write_json,
 )
 from safeneuron.config import ConfigError, IdentifyConfig, settings_hash
-from safeneuron.data.images import MultimodalPromptSet, load_multimodal_set
+from safeneuron.data.images import MultimodalPromptSet, load_multimodal_set, typographic_prompts
 from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts
 from safeneuron.distributed import all_merge_stats, barrier, shard, world
+from safeneuron.evaluation.judges import RefusalJudge
+from safeneuron.evaluation.measure import GenerationSettings, judged_responses, model_tag
+from safeneuron.evaluation.metrics import Rate, mcnemar_exact
+from safeneuron.evaluation.sets import load_eval_prompts
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, is_vlm, is_vlm_checkpoint, load_model, processor_of, weights_hash
 from safeneuron.scoring import (
@@ -237,6 +241,8 @@ def identify(
     if world()[0] != 0:  # the main process writes; the others wait and reopen its artifacts
         barrier()
         return Identification.load(stage.path)
+    if run.config.verify:
+        selection.verification = _verify(run, stage, selection.sets["union"], progress)
     _write_artifacts(run, stage, selection, t_start)
     shutil.rmtree(stage.path / ".partial", ignore_errors=True)
     barrier()
@@ -271,6 +277,7 @@ class _Selection:
     sets: dict[str, SafetyNeuronMask]
     expected_false: float | None
     categories: dict[str, dict]
+    verification: dict | None = None
 
 
 def _prepare(config: IdentifyConfig, loaded: LoadedModel | None) -> _Run:
@@ -338,6 +345,35 @@ def _select_stats(run: _Run, stage: StageDir, progress: bool) -> _Selection:
                       categories)
 
 
+def _verify(run: _Run, stage: StageDir, union: SafetyNeuronMask, progress: bool) -> dict:
+    """The causal check: ASR on held-out harmful prompts plain, with ``union`` pruned, and with as many random
+    neurons per layer pruned (answers cached in ``out/verify/``, so a killed check resumes)."""
+    config = run.config
+    t0 = time.perf_counter()
+    held_out = load_eval_prompts(config.verify_harmful or config.harmful, default="harmful",
+                                 n=config.verify_prompts, seed=config.seed, exclude=run.harmful.prompts)
+    judge = RefusalJudge()
+    settings = GenerationSettings(max_new_tokens=config.verify_max_new_tokens, batch_size=config.batch_size,
+                                  seed=config.seed)
+    control = SafetyNeuronMask.random(run.sites, like=union, seed=config.seed)
+    out: dict = {"neuron_set": "union", "judge": judge.name, "max_new_tokens": config.verify_max_new_tokens,
+                 "harmful": {"source": held_out.source, "n": len(held_out), "sha256": held_out.sha256}}
+    prompts = typographic_prompts(held_out) if run.image_text else held_out.prompts  # as a VLM was identified
+    flags = {}
+    for name, mask in (("plain", None), ("pruned", union), ("random", control)):
+        judged = judged_responses(run.loaded, prompts, judge, mask=mask, judge_prompts=held_out.prompts,
+                                  settings=settings, cache=stage.path / "verify" / "generations.jsonl",
+                                  tag=model_tag(run.loaded), progress=progress)
+        out[name] = {**Rate(judged.k, judged.n).as_dict(), "pruned": mask.count() if mask is not None else 0}
+        flags[name] = judged.flags
+    out["asr_increase"] = {k: out[k]["rate"] - out["plain"]["rate"] for k in ("pruned", "random")}
+    out["mcnemar_p"] = {k: mcnemar_exact(flags["plain"], flags[k]) for k in ("pruned", "random")}
+    out["wall_s"] = time.perf_counter() - t0
+    logger.info("causal check on %d held-out prompts: ASR plain %.3f, union pruned %.3f, random %.3f",
+                len(held_out), out["plain"]["rate"], out["pruned"]["rate"], out["random"]["rate"])
+    return out
+
+
 def _write_artifacts(run: _Run, stage: StageDir, selection: _Selection, t_start: float) -> None:
     """Scores, sets, then ``identify.json`` (last: its presence marks the stage complete)."""
     t0 = time.perf_counter()
@@ -359,13 +395,13 @@ def _write_artifacts(run: _Run, stage: StageDir, selection: _Selection, t_start:
         "processes": world()[1],
         "harmful": {"source": run.harmful.source, "sha256": run.harmful.sha256, "n": n_u},
         "harmless": {"source": run.harmless.source, "sha256": run.harmless.sha256, "n": n_s},
-        "position": config.position, "tau_es": run.tau_es, "tau_sas": config.tau_sas, "tau_t": tau_t,
+        "position": config.position, "span": config.span, "tau_es": run.tau_es, "tau_sas": config.tau_sas, "tau_t": tau_t,
         "false_selection_bound_per_neuron": false_selection_bound(tau_t),
         "expected_false_selections": selection.expected_false, "sets": list(sets), "selected_total": totals,
         "selected_fraction": {k: v / n_neurons for k, v in totals.items()},
         "selected_per_layer": {s.name: {name: int(mask.masks[s.name].sum()) for name, mask in sets.items()}
                                for s in sites},
-        "categories": selection.categories, "settings": asdict(config), "run_key": stage.run_key,
+        "categories": selection.categories, "verification": selection.verification, "settings": asdict(config), "run_key": stage.run_key,
         "timings": run.timings, "wall_time_s": run.timings["wall_s"], "versions": versions(), "created": timestamp(),
     })
 
@@ -401,7 +437,7 @@ def _record_with_checkpoints(loaded, harmful, harmless, config, out: Path, run_k
     processing = processor_of(loaded) if loaded.is_vlm else loaded.tokenizer  # a VLM sees image+text prompts
     stats = record_activations(
         loaded.model, processing, {"harmful": harmful, "harmless": harmless},
-        position=config.position, batch_size=config.batch_size, max_length=config.max_length,
+        position=config.position, span=config.span, batch_size=config.batch_size, max_length=config.max_length,
         by_category=("harmful",) if config.by_category else False, stats=stats, skip_batches=skip, on_batch=checkpoint,
         progress=progress, stats_device=config.stats_device,
     )
