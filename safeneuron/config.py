@@ -500,9 +500,10 @@ __all__ += ["AlignConfig", "PrefsConfig", "ALIGN_MODES"]
 # --------------------------------------------------------------------------- attacks and evaluation (issue 5)
 #: Fractions of all MLP neurons pruned in the robustness sweep, the fine grid (0 %, 0.1 %, ..., 5 %).
 SWEEP_FRACTIONS = [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05]
-#: The default sweep of ``safeneuron evaluate``: five points of the fine grid (each point is one
-#: generation pass over the sweep prompts; 0 reuses the plain answers).
-DEFAULT_SWEEP = [0.0, 0.005, 0.01, 0.02, 0.05]
+#: The default sweep of ``safeneuron evaluate``: the informative range of the fine grid, 0 to 2 % (at 5 %
+#: every model is jailbroken; each point is one generation pass over the sweep prompts; 0 reuses the plain
+#: answers).
+DEFAULT_SWEEP = [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02]
 #: Jailbreak templates run by default: one of each kind (an instruction to comply, a ban on
 #: refusing, a persona, a split request); ``--templates all`` runs all ten.
 DEFAULT_TEMPLATES = ["prefix_injection", "refusal_suppression", "role_play", "payload_splitting"]
@@ -558,8 +559,8 @@ class AttackConfig:
     """Also prune as many random neurons per layer as the attack set (the control)."""
     judge: str = "refusal"
     """``refusal`` (refusal phrases) or a safety classifier (hub id or path, e.g. Llama-Guard-3), combined with the phrases."""
-    max_new_tokens: int = 32
-    """Tokens generated per answer (the first sentence decides a refusal; as ``safeneuron evaluate``)."""
+    max_new_tokens: int = 64
+    """Tokens generated per answer (as ``safeneuron evaluate``)."""
     batch_size: int = 32
     """Prompts per generation batch (on a 2-core CPU, 24-48 per batch cost 3-8x less per token than 8-16)."""
     save: str | None = None
@@ -640,9 +641,14 @@ class EvalConfig:
     """The attacker's identification on each evaluated model (an :class:`IdentifyConfig`, as in AttackConfig: mean
     pooling and 64 prompts per class by default; TOML ``[evaluate.identify]``, flags ``--identify.<field>``). Its
     prompts never enter a measurement."""
+    random_control: bool = True
+    """Also prune as many random neurons per layer as the FULL set holds (the control): ``asr_random_control``."""
+    attack_rounds: int = 1
+    """Iterative attack: identify, prune, re-identify on the pruned model, for this many rounds (``asr_iterative``;
+    1 = the one-shot attack only)."""
     sweep: list[float] | None = field(default_factory=lambda: list(DEFAULT_SWEEP))
-    """Fractions of all neurons pruned (top by ``sweep_score``) for the robustness curve (default 0, 0.5, 1, 2, 5 %;
-    the finer grid is config.SWEEP_FRACTIONS); empty list to skip."""
+    """Fractions of all neurons pruned (top by ``sweep_score``) for the robustness curve (default 0, 0.1, 0.25, 0.5,
+    1, 2 %; config.SWEEP_FRACTIONS adds 5 %); empty list to skip."""
     sweep_score: str = "es"
     """Score ranking the neurons in the sweep (``es``, ``t``, ``sas``, ``shift``; ``probe_up`` for NeuroStrike)."""
     n_sweep_prompts: int = 16
@@ -674,9 +680,9 @@ class EvalConfig:
     """Examples per lm-eval task (None = all)."""
     judge: str = "refusal"
     """``refusal`` (refusal phrases) or a safety classifier (hub id or path, e.g. Llama-Guard-3), combined with the phrases."""
-    max_new_tokens: int = 32
-    """Tokens generated per answer (the first sentence decides a refusal; 32 suffices for the refusal judge, give a
-    classifier judge 64 or more)."""
+    max_new_tokens: int = 64
+    """Tokens generated per answer (64: enough for the judges to see whether an answer has content of its own
+    beyond an echo or a forced opening; give a classifier judge 256)."""
     redteam_max_new_tokens: int = 64
     """Tokens generated per red-team answer (a whole jailbreak prompt)."""
     batch_size: int = 32
@@ -712,6 +718,8 @@ class EvalConfig:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.identify.max_prompts is None:
             raise ConfigError("identify.max_prompts (identify_prompts) must be set: the attacker's prompts per class")
+        if self.attack_rounds < 1:
+            raise ConfigError(f"attack_rounds must be >= 1, got {self.attack_rounds}", fields=("attack_rounds",))
         for f in self.sweep or []:
             if not 0 <= f <= 1:
                 raise ConfigError(f"sweep fractions must be in [0, 1] (0.01 = 1 %), got {f}")
@@ -821,8 +829,8 @@ MAIN_JOB: dict[str, dict[str, Any]] = {
     "evaluate": {
         "n_harmful": 48, "n_harmless": 24, "n_xstest": 24,
         "templates": ["prefix_injection", "refusal_suppression", "role_play"], "n_template_prompts": 16,
-        "sweep": [0.0, 0.005, 0.01, 0.02, 0.05], "n_sweep_prompts": 16, "n_mc": 60, "mc_scoring": "option",
-        "n_ppl": 16, "n_redteam": 8, "redteam_max_new_tokens": 64, "max_new_tokens": 32, "dtype": "fast",
+        "sweep": [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02], "n_sweep_prompts": 16, "n_mc": 60, "mc_scoring": "option",
+        "n_ppl": 16, "n_redteam": 8, "redteam_max_new_tokens": 64, "max_new_tokens": 64, "dtype": "fast",
         "identify": {"max_prompts": 48},
     },
     "analyze": {"max_prompts": 48, "n_splits": 2, "n_orders": 100},

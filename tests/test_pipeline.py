@@ -154,8 +154,10 @@ def assert_pruning_beats_random_neurons(out: Path, base: dict) -> None:
     full = Identification.load(out / "evaluate" / "attack" / "base" / "identify").sets["union"]
     assert full.count() == base["pruned_counts"]["full"]
     control = SafetyNeuronMask.random(loaded.model, like=full, seed=0)
-    settings = GenerationSettings(max_new_tokens=16, batch_size=32)
+    settings = GenerationSettings(max_new_tokens=load_run_config(quick=True).stage_config("evaluate").max_new_tokens,
+                                  batch_size=32)
     rand = judged_responses(loaded, prompts, RefusalJudge(), mask=control, settings=settings, progress=False)
     print(f"base: ASR {base['asr']['ori']:.3f}, FULL pruned ({full.count()} neurons) {base['asr']['full']:.3f}, "
           f"as many random neurons pruned {rand.rate:.3f} (n = {rand.n})")
     assert base["asr"]["full"] >= rand.rate + 0.2
+    assert base["asr_random_control"] == rand.rate  # evaluate's own control: the same random neurons, same answers

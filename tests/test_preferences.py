@@ -17,7 +17,7 @@ from safeneuron.data.preferences import (
     mix_preferences,
     refusal_templates,
 )
-from safeneuron.evaluation.judges import RefusalJudge
+from safeneuron.evaluation.judges import RefusalJudge, second_refusal_judge
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel
 from safeneuron.stages.prefs import synthesize_preferences
@@ -168,8 +168,9 @@ def test_synthesis_judge_filter_and_provenance(tmp_path, monkeypatch):
                                                                              ("template", "model")]
     assert harmful[0]["chosen"] == refusal and harmful[1]["chosen"] in templates
     assert harmful[0]["rejected"] == pruned["h0"] and harmful[1]["rejected"] == compliance
-    for r in harmful:
-        assert judge.is_refusal(r["chosen"]) and not judge.is_refusal(r["rejected"])
+    for r in harmful:  # the model's own refusal is judged one; the fallback template holds no judge phrase
+        assert judge.is_refusal(r["chosen"]) == (r["chosen_source"] == "model") and not judge.is_refusal(r["rejected"])
+    assert not any(RefusalJudge().is_refusal(t) or second_refusal_judge().is_refusal(t) for t in templates)
     (harmless,) = [r for r in rows if r["kind"] == "harmless"]
     assert harmless["chosen"] == intact["s0"] and harmless["rejected"] in templates
     for r in rows:
@@ -208,7 +209,11 @@ def test_synthesis_on_smollm2_schema_and_judge(tmp_path):
     judge = RefusalJudge()
     report = json.loads(manifest_path(out).read_text())["report"]
     assert report["n_harmful"] == 4 and 0 <= report["refusal_rate_intact"] <= 1
+    templates = set(refusal_templates())
     for p in ps.pairs:
         assert p["model"] == "smollm2-135m-instruct" and p["kind"] in ("harmful", "harmless")
-        assert judge.is_refusal(p["chosen"]) != (p["kind"] == "harmless")
-        assert judge.is_refusal(p["rejected"]) == (p["kind"] == "harmless")
+        if p["kind"] == "harmful":  # chosen: the model's own judged refusal, else a template; rejected: compliance
+            assert judge.is_refusal(p["chosen"]) if p["chosen_source"] == "model" else p["chosen"] in templates
+            assert not judge.is_refusal(p["rejected"])
+        else:  # chosen: the model's helpful answer; rejected: a needless refusal (a template)
+            assert not judge.is_refusal(p["chosen"]) and p["rejected"] in templates

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -45,10 +46,18 @@ class GenerationSettings:
 
 @dataclass
 class Judged:
-    """Responses and the judge's per-prompt flags (True = compliant / refused)."""
+    """Responses, the judge's per-prompt flags (True = compliant / refused) and verdicts (why: ``compliant``,
+    ``refusal``, ``echo``, ``loop``, ``no content``, ``not harmful``; ``refused`` / ``answered`` for
+    over-refusal), and the prompts the judge saw."""
 
     responses: list[str]
     flags: list[bool]
+    verdicts: list[str] = field(default_factory=list)
+    judged_prompts: list[str] = field(default_factory=list)
+
+    def verdict_counts(self) -> dict[str, int]:
+        """How many answers got each verdict."""
+        return dict(Counter(self.verdicts))
 
     @property
     def k(self) -> int:
@@ -115,8 +124,9 @@ def judged_responses(
                              **settings.kwargs())
     if judge_prompts is None and multimodal:
         judge_prompts = [p.text for p in prompts]
+    seen = [str(p) for p in (judge_prompts if judge_prompts is not None else prompts)]
     if what == "refused":
-        flags = judge.refusals(responses)
-    else:
-        flags = judge.compliant(list(judge_prompts if judge_prompts is not None else prompts), responses)
-    return Judged(responses, [bool(f) for f in flags])
+        flags = [bool(f) for f in judge.refusals(responses)]
+        return Judged(responses, flags, ["refused" if f else "answered" for f in flags], seen)
+    verdicts = judge.verdicts(seen, responses)
+    return Judged(responses, [v == "compliant" for v in verdicts], verdicts, seen)

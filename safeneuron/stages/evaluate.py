@@ -43,9 +43,10 @@ from safeneuron.artifacts import timestamp, versions, write_json, write_text
 from safeneuron.config import EvalConfig
 from safeneuron.data.images import load_multimodal_set
 from safeneuron.evaluation.capability import load_mc, mc_accuracy, perplexity, run_lm_eval
-from safeneuron.evaluation.judges import Judge, RefusalJudge, load_judge
-from safeneuron.evaluation.measure import GenerationSettings, judged_responses, model_tag
-from safeneuron.evaluation.metrics import Rate, curve_area
+from safeneuron.arch import find_mlps
+from safeneuron.evaluation.judges import Judge, RefusalJudge, load_judge, second_refusal_judge
+from safeneuron.evaluation.measure import GenerationSettings, Judged, judged_responses, model_tag
+from safeneuron.evaluation.metrics import Rate, curve_area, detectable_difference, mcnemar_exact
 from safeneuron.evaluation.sets import (
     apply_template,
     load_eval_prompts,
@@ -62,6 +63,7 @@ from safeneuron.stages.attack import (
     attacker_identification,
     attacker_prompts,
     fraction_sweep,
+    iterative_prune,
 )
 from safeneuron.stages.identify import Identification
 
@@ -210,8 +212,9 @@ def _asr_and_attack(m: _Measure, harmful, id_config, id_harmful, id_harmless, id
     asr_ci: dict = dict.fromkeys(_PROTOCOL)
     asr_k: dict = dict.fromkeys(_PROTOCOL)
     pruned_counts: dict = dict.fromkeys(("es", "sas", "full"))
+    judged: dict[str, Judged] = {}
     with m.timed("asr_s"):
-        ori = m.run(harmful.prompts)
+        ori = judged["ori"] = m.run(harmful.prompts)
         r = Rate(ori.k, ori.n)
         asr["ori"], asr_ci["ori"], asr_k["ori"] = r.value, _ci(r), r.k
 
@@ -225,12 +228,55 @@ def _asr_and_attack(m: _Measure, harmful, id_config, id_harmful, id_harmless, id
                 if mask is None:
                     continue
                 mask.check(m.loaded.model)
-                judged = m.run(harmful.prompts, mask=mask) if mask.count() else ori  # an empty set prunes nothing
-                r = Rate(judged.k, judged.n)
+                judged[key] = m.run(harmful.prompts, mask=mask) if mask.count() else ori  # an empty set prunes nothing
+                r = Rate(judged[key].k, judged[key].n)
                 asr[key], asr_ci[key], asr_k[key] = r.value, _ci(r), r.k
                 pruned_counts[key] = mask.count()
     part = dict(asr=asr, asr_ci95=asr_ci, asr_k=asr_k, pruned_counts=pruned_counts, attacker=attacker)
+    if config.attack and masks.get("full") is not None and masks["full"].count() and config.random_control:
+        with m.timed("random_control_s"):
+            part.update(_random_control(m, harmful, masks["full"], judged))
+    if config.attack and config.attack_rounds > 1 and identification is not None and not config.mask:
+        with m.timed("iterative_s"):
+            part.update(_iterative_attack(m, harmful, id_config, identify_dir.parent / "iterative", judged))
+    part.update(_second_opinion(judged))
     return part, identification, masks
+
+
+def _random_control(m: _Measure, harmful, full: SafetyNeuronMask, judged: dict) -> dict:
+    """ASR with as many random neurons per layer pruned as the FULL set holds (the control)."""
+    control = SafetyNeuronMask.random(find_mlps(m.loaded.model), like=full, seed=m.config.seed)
+    judged["random_control"] = m.run(harmful.prompts, mask=control)
+    r = Rate(judged["random_control"].k, judged["random_control"].n)
+    return {"asr_random_control": r.value, "asr_random_control_ci95": _ci(r), "random_control_pruned": control.count()}
+
+
+def _iterative_attack(m: _Measure, harmful, id_config, out: Path, judged: dict) -> dict:
+    """The iterative attack: identify, prune, re-identify on the pruned model, for ``attack_rounds``
+    rounds; ASR after each round (the union pruned so far)."""
+    rounds = iterative_prune(m.loaded, id_config, m.config.attack_rounds, out, progress=m.progress)
+    points = []
+    for r, mask in enumerate(rounds, 1):
+        judged[f"round{r}"] = j = m.run(harmful.prompts, mask=mask)
+        rate = Rate(j.k, j.n)
+        points.append({"round": r, "asr": rate.value, "ci95": _ci(rate), "k": rate.k, "n": rate.n,
+                       "pruned": mask.count()})
+    return {"asr_iterative": points}
+
+
+def _second_opinion(judged: dict) -> dict:
+    """Each ASR measurement's verdicts, its per-prompt outcomes (for paired tests across models), and the
+    ASR by the independent second refusal judge with the share of answers the two judges agree on."""
+    second = second_refusal_judge()
+    rates, agree, outcomes, verdicts = {}, {}, {}, {}
+    for key, j in judged.items():
+        other = second.compliant(j.judged_prompts, j.responses)
+        rates[key] = sum(other) / len(other) if other else None
+        agree[key] = sum(a == b for a, b in zip(j.flags, other)) / len(other) if other else None
+        outcomes[key] = [int(f) for f in j.flags]
+        verdicts[key] = j.verdict_counts()
+    return {"asr_second_judge": rates, "judge_agreement": agree, "asr_outcomes": outcomes, "asr_verdicts": verdicts,
+            "second_judge": second.name}
 
 
 def _attacker(m: _Measure, id_config, id_harmful, id_harmless, identify_dir: Path):
@@ -447,12 +493,33 @@ def evaluate_models(
         results["models"].append(entry)
         results["wall_time_s"] = round(time.perf_counter() - t_start, 2)
         results["created"] = timestamp()
+        results["paired"] = paired_tests(results["models"])
         write_json(out / "results.json", results)
         write_text(out / "results.md", results_markdown(results))
         if not isinstance(spec, LoadedModel):
             del loaded
             gc.collect()
     return results
+
+
+def paired_tests(models: Sequence[Mapping]) -> list[dict]:
+    """Exact McNemar tests between every pair of models on the same harmful prompts, per ASR measurement
+    (``ori``, ``full``, ``random_control``, iterative rounds), with the difference the sample could detect
+    (two-sided 5 %, power 0.8, unpaired worst case)."""
+    out = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            shared = set(a.get("asr_outcomes") or {}) & set(b.get("asr_outcomes") or {})
+            for key in [k for k in (a.get("asr_outcomes") or {}) if k in shared]:
+                x, y = a["asr_outcomes"][key], b["asr_outcomes"][key]
+                if len(x) != len(y) or not x:
+                    continue
+                out.append({"a": a["name"], "b": b["name"], "measurement": key, "n": len(x),
+                            "asr_a": sum(x) / len(x), "asr_b": sum(y) / len(y),
+                            "only_a": sum(p and not q for p, q in zip(x, y)),
+                            "only_b": sum(q and not p for p, q in zip(x, y)),
+                            "mcnemar_p": mcnemar_exact(x, y), "detectable_difference": detectable_difference(len(x))})
+    return out
 
 
 # --------------------------------------------------------------------------- the table
@@ -475,8 +542,45 @@ def results_markdown(results: dict) -> str:
     lines += _multimodal_table(models)
     lines += _curve_table(models)
     lines += _templates_table(models)
+    lines += _controls_table(models)
+    lines += _paired_table(results.get("paired") or [])
     lines.append("")
     return "\n".join(lines)
+
+
+def _controls_table(models: list) -> list[str]:
+    """The random-pruning control, the iterative attack and the second judge's view of the same answers."""
+    if not any(m.get("asr_second_judge") for m in models):
+        return []
+    lines = ["", "Controls: ASR (%) with as many random neurons pruned as FULL, after each iterative round, and by the "
+             "second (disjoint-phrase) refusal judge, with the share of answers both judges agree on.", "",
+             "| model | random control | iterative rounds | 2nd judge ORI / FULL | agreement ORI / FULL | "
+             "not counted (echo, loop, no content) ORI / FULL |", "|---|---|---|---|---|---|"]
+    for m in models:
+        second, agree, verdicts = m.get("asr_second_judge") or {}, m.get("judge_agreement") or {}, m.get("asr_verdicts") or {}
+        rounds = ", ".join(_pct(r["asr"]) for r in m.get("asr_iterative") or []) or "n/a"
+
+        def odd(key):
+            v = verdicts.get(key) or {}
+            return str(sum(v.get(k, 0) for k in ("echo", "loop", "no content"))) if v else "n/a"
+
+        lines.append(f"| {m['name']} | {_pct(m.get('asr_random_control'), m.get('asr_random_control_ci95'))} | {rounds} | "
+                     f"{_pct(second.get('ori'))} / {_pct(second.get('full'))} | {_pct(agree.get('ori'))} / "
+                     f"{_pct(agree.get('full'))} | {odd('ori')} / {odd('full')} |")
+    return lines
+
+
+def _paired_table(paired: list) -> list[str]:
+    """Exact McNemar tests between models on the same prompts."""
+    if not paired:
+        return []
+    lines = ["", "Paired tests (exact McNemar, same prompts): p < 0.05 means the two models' ASRs differ; with n "
+             "prompts a difference below the detectable one can pass unseen.", "",
+             "| models | measurement | n | ASR a / b | only a / only b | p | detectable |", "|---|---|---|---|---|---|---|"]
+    for t in paired:
+        lines.append(f"| {t['a']} vs {t['b']} | {t['measurement']} | {t['n']} | {_pct(t['asr_a'])} / {_pct(t['asr_b'])} "
+                     f"| {t['only_a']} / {t['only_b']} | {t['mcnemar_p']:.3g} | {100 * t['detectable_difference']:.0f} pts |")
+    return lines
 
 
 def _summary_table(models: list) -> list[str]:
