@@ -637,6 +637,9 @@ class EvalConfig:
     """Run the pruning attack: ASR after pruning the ES set, the SAS set and their union (FULL)."""
     mask: str | None = None
     """Prune this mask file's sets instead of identifying on each evaluated model (non-adaptive attacker)."""
+    upstream: list[str] = field(default_factory=list)
+    """Prompt files that identification and alignment used (the main job sets its splits' parts here): evaluation
+    refuses to measure on any of their prompts (``upstream_overlap`` in results.json is always 0)."""
     identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(position="mean", max_prompts=64))
     """The attacker's identification on each evaluated model (an :class:`IdentifyConfig`, as in AttackConfig: mean
     pooling and 64 prompts per class by default; TOML ``[evaluate.identify]``, flags ``--identify.<field>``). Its
@@ -861,6 +864,9 @@ class RunConfig:
     """Fewer prompts, pairs and steps (same model) for a first look; labelled as such in the report."""
     modes: list[AlignMode] = field(default_factory=lambda: ["safeneuron", "dpo"])
     """Alignment modes to train and compare (``safeneuron``, ``dpo``, ``sn-tune``)."""
+    attacker_prompts: Literal["defender", "own"] = "defender"
+    """The adaptive attacker's identification prompts: ``defender`` (the defender's part of the split: same prompts,
+    run on the model under attack) or ``own`` (a disjoint part of its own). Either way evaluation never sees them."""
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
@@ -876,6 +882,7 @@ class RunConfig:
     """AnalyzeConfig fields."""
 
     def validate(self) -> None:
+        check_choices(self)
         for mode in self.modes:
             if mode not in ALIGN_MODES:
                 raise ConfigError(f"modes: unknown mode {mode!r}; choose from {', '.join(ALIGN_MODES)}")

@@ -22,7 +22,7 @@ import dataclasses
 import gc
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ from safeneuron.config import (  # the main job's settings live with every other
     stage_classes,
 )
 from safeneuron.errors import SafeneuronError
+from safeneuron.data.prompts import load_prompts
+from safeneuron.data.splits import split_prompts
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model
 from safeneuron.report import build_report
@@ -63,6 +65,31 @@ class _Job:
     progress: bool
     t_start: float
     base_path: str = ""
+    splits: dict = field(default_factory=dict)  # "harmful" / "harmless" -> PromptSplit
+
+    def stage_config(self, stage: str):
+        """The stage's config with its prompts from its own parts of the splits (see :func:`_split_prompts`)."""
+        config = self.config.stage_config(stage)
+        if not self.splits:
+            return config
+        part = {kind: split.files for kind, split in self.splits.items()}  # kind -> part name -> file
+        attacker = "attacker" if "attacker" in part["harmful"] else "defender"
+        if stage == "identify":
+            return dataclasses.replace(config, harmful=part["harmful"]["defender"], harmless=part["harmless"]["defender"])
+        if stage == "prefs":
+            return dataclasses.replace(config, harmful=part["harmful"]["prefs"], harmless=part["harmless"]["prefs"])
+        if stage == "align":  # later rounds re-identify on the defender's prompts
+            return dataclasses.replace(config, identify=dataclasses.replace(
+                config.identify, harmful=part["harmful"]["defender"], harmless=part["harmless"]["defender"]))
+        if stage == "evaluate":
+            own = {k: part[k].get("evaluation", getattr(config, k)) for k in ("harmful", "harmless")}
+            upstream = [f for k in part for name, f in part[k].items() if name != "evaluation"]
+            return dataclasses.replace(config, **own, upstream=sorted(set(upstream)), identify=dataclasses.replace(
+                config.identify, harmful=part["harmful"][attacker], harmless=part["harmless"][attacker]))
+        if stage == "analyze":  # probes on held-out prompts: the evaluation part
+            return dataclasses.replace(config, harmful=config.harmful or part["harmful"].get("evaluation"),
+                                       harmless=config.harmless or part["harmless"].get("evaluation"))
+        return config
 
     def stage(self, name: str, key: str, fn) -> Any:
         """Run one stage, timing it and recording it in run.json."""
@@ -90,6 +117,7 @@ class _Job:
 def run(config: RunConfig | None = None, *, stages: tuple[str, ...] = STAGES, progress: bool = True) -> dict:
     """Run the main job; returns the run record (also ``DIR/run.json``)."""
     job = _start(config or load_run_config(), stages, progress)
+    _split_prompts(job)  # 0. disjoint prompts for every stage, by construction
     base = load_model(job.config.model, dtype=job.config.dtype, device=job.config.device)
     job.base_path = base.path
     if "identify" in stages:
@@ -136,15 +164,33 @@ def _finish(job: _Job) -> dict:
     return record
 
 
+def _split_prompts(job: _Job) -> None:
+    """Each prompt pool (the defender's harmful and harmless sources) is split once, with the run's seed, into
+    disjoint parts: the defender's identification, the preference pairs, the evaluation (unless evaluate names its
+    own prompts) and, with ``attacker_prompts = "own"``, the attacker's identification (else the attacker identifies
+    on the defender's part, upstream of evaluation as well). Written to ``DIR/splits/``, recorded in run.json."""
+    ident, prefs, evaluate = (job.config.stage_config(s) for s in ("identify", "prefs", "evaluate"))
+    for kind in ("harmful", "harmless"):
+        pool = load_prompts(getattr(ident, kind), default=kind, column=ident.prompt_column)
+        sizes: dict[str, int | None] = {"defender": ident.max_prompts, "prefs": getattr(prefs, f"n_{kind}")}
+        if job.config.attacker_prompts == "own":
+            sizes["attacker"] = evaluate.identify.max_prompts
+        if getattr(evaluate, kind) is None:
+            sizes["evaluation"] = evaluate.capped(getattr(evaluate, f"n_{kind}"))
+        job.splits[kind] = split_prompts(pool, sizes, seed=job.config.seed, out=job.out / "splits", stem=kind)
+    job.record["splits"] = {kind: split.manifest() for kind, split in job.splits.items()}
+    write_json(job.out / "run.json", job.record)
+
+
 def _identify_base(job: _Job, base: LoadedModel) -> None:
-    config = job.config.stage_config("identify")
+    config = job.stage_config("identify")
     ident = job.stage("identify", settings_hash(config),
                       lambda: identify(config, job.out / "identify", loaded=base, progress=job.progress))
     logger.info("base model: %d safety neurons (union)", ident.union.count())
 
 
 def _synthesise_prefs(job: _Job, base: LoadedModel) -> None:
-    config = job.config.stage_config("prefs")
+    config = job.stage_config("prefs")
 
     def make_prefs():
         if job.prefs_file.exists():
@@ -158,7 +204,7 @@ def _synthesise_prefs(job: _Job, base: LoadedModel) -> None:
 
 def _align_every_mode(job: _Job) -> None:
     for mode in job.config.modes:
-        config = dataclasses.replace(job.config.stage_config("align"), mode=mode, model=job.base_path)
+        config = dataclasses.replace(job.stage_config("align"), mode=mode, model=job.base_path)
         if mode != "dpo" and config.mask is None:
             config.mask = str(job.out / "identify" / "safety_neurons.safetensors")  # round 1 reuses stage 1
         job.stage(f"align/{mode}", settings_hash(config),
@@ -166,19 +212,19 @@ def _align_every_mode(job: _Job) -> None:
 
 
 def _evaluate_models(job: _Job) -> None:
-    config = job.config.stage_config("evaluate")
+    config = job.stage_config("evaluate")
     job.stage("evaluate", settings_hash(config),  # models are loaded one at a time
               lambda: evaluate_models(job.models, config, job.out / "evaluate", progress=job.progress))
 
 
 def _analyze_models(job: _Job) -> None:
-    config = dataclasses.replace(job.config.stage_config("analyze"), model=job.base_path)
+    config = dataclasses.replace(job.stage_config("analyze"), model=job.base_path)
     idents = {"base": job.out / "identify"}
     for mode in job.config.modes:
         last = sorted((job.out / "align" / mode).glob("round_*/identify/identify.json"))
         if last:
             idents[f"{mode} (last round)"] = last[-1].parent
     compare = {m: p for m, p in job.models.items() if m != "base"}
-    job.stage("analyze", settings_hash(job.config.stage_config("analyze")),
+    job.stage("analyze", settings_hash(job.stage_config("analyze")),
               lambda: analyze(config, job.out / "analysis", compare=compare, identifications=idents,
                               progress=job.progress))

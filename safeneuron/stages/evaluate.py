@@ -42,6 +42,8 @@ from typing import Any, Mapping, Sequence
 from safeneuron.artifacts import timestamp, versions, write_json, write_text
 from safeneuron.config import EvalConfig
 from safeneuron.data.images import load_multimodal_set
+from safeneuron.data.splits import overlap
+from safeneuron.errors import SafeneuronError
 from safeneuron.evaluation.capability import load_mc, mc_accuracy, perplexity, run_lm_eval
 from safeneuron.arch import find_mlps
 from safeneuron.evaluation.judges import Judge, RefusalJudge, load_judge, second_refusal_judge
@@ -180,8 +182,11 @@ def evaluate_model(
                                 seed=config.seed, exclude=id_harmful.prompts)
     harmless = load_eval_prompts(config.harmless, default="harmless", n=config.capped(config.n_harmless),
                                  seed=config.seed, exclude=id_harmless.prompts)
-    entry.update(n_harmful=len(harmful), n_harmless=len(harmless))
+    entry.update(n_harmful=len(harmful), n_harmless=len(harmless), upstream_overlap=_upstream_overlap(config, harmful,
+                                                                                                     harmless))
     m.sources.update(harmful=harmful.source, harmless=harmless.source)
+    if config.upstream:
+        m.sources["upstream"] = list(config.upstream)
 
     attack, identification, masks = _asr_and_attack(m, harmful, id_config, id_harmful, id_harmless,
                                                     out / "attack" / slug / "identify")
@@ -199,6 +204,16 @@ def evaluate_model(
     m.timings["total_s"] = time.perf_counter() - t_model
     entry["timings"] = {k: round(v, 2) for k, v in m.timings.items()}
     return entry
+
+
+def _upstream_overlap(config: EvalConfig, harmful, harmless) -> int:
+    """0, or an error: no evaluation prompt may have been seen by identification or alignment (``upstream``)."""
+    leaked = overlap(harmful.prompts + harmless.prompts, config.upstream)
+    if leaked:
+        raise SafeneuronError(f"{len(leaked)} evaluation prompt(s) were used upstream (identification or alignment), "
+                              f"e.g. {leaked[0][:60]!r}; evaluate on prompts no upstream stage saw",
+                              fields=("harmful", "harmless", "upstream"))
+    return 0
 
 
 def _asr_and_attack(m: _Measure, harmful, id_config, id_harmful, id_harmless, identify_dir: Path):
