@@ -31,14 +31,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: name -> (span, position); prompt-max is the default today, prompt-mean the attacker's.
+#: name -> (span, position, length-matched harmless prompts); prompt-max was the default, prompt-mean the
+#: attacker's; the -matched ones are the length-confound controls.
 CANDIDATES = {
-    "prompt-max": ("prompt", "max"),
-    "prompt-mean": ("prompt", "mean"),
-    "content-max": ("content", "max"),
-    "content-mean": ("content", "mean"),
-    "post-mean": ("post", "mean"),
-    "last": ("prompt", "last"),
+    "prompt-max": ("prompt", "max", False),
+    "prompt-mean": ("prompt", "mean", False),
+    "content-max": ("content", "max", False),
+    "content-mean": ("content", "mean", False),
+    "post-mean": ("post", "mean", False),
+    "last": ("prompt", "last", False),
+    "prompt-max-matched": ("prompt", "max", True),
+    "content-mean-matched": ("content", "mean", True),
 }
 
 
@@ -59,12 +62,32 @@ def diagnostics(identification) -> dict:
             "tau_es": m["tau_es"]}
 
 
+def _share_plain_answers(out: Path, name: str) -> None:
+    """Seed this candidate's causal-check cache with the plain (unpruned) answers another candidate already
+    generated: the model and the held-out prompts are the same, so those answers are too."""
+    target = out / name / "verify" / "generations.jsonl"
+    lines = {}
+    for cache in out.glob("*/verify/generations.jsonl"):
+        for line in cache.read_text(encoding="utf-8").split("\n"):
+            if line.strip() and "|prune:" not in line:
+                lines.setdefault(json.loads(line)["key"], line)
+    if lines:
+        have = set()
+        if target.exists():
+            have = {json.loads(l)["key"] for l in target.read_text(encoding="utf-8").split("\n") if l.strip()}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.writelines(line + "\n" for key, line in lines.items() if key not in have)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model (default: the embedded default)")
     parser.add_argument("--max-prompts", type=int, default=128, help="identification prompts per class")
     parser.add_argument("--verify-prompts", type=int, default=96, help="held-out harmful prompts of the check")
     parser.add_argument("--verify-max-new-tokens", type=int, default=64)
+    parser.add_argument("--verify-dtype", default="fast", help="dtype of the causal check's generation (fast: bf16 "
+                        "where the CPU computes it natively)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CANDIDATES)}")
     parser.add_argument("--out", default=str(ROOT / "runs" / "pooling"), help="identification directories")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "pooling.json"))
@@ -79,15 +102,21 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(CANDIDATES)
     results = {"model": loaded.name, "max_prompts": args.max_prompts, "verify_prompts": args.verify_prompts,
                "verify_max_new_tokens": args.verify_max_new_tokens, "candidates": {}, "versions": versions()}
+    previous = Path(args.json)
+    if previous.is_file():  # keep the candidates of an earlier run with the same sizes
+        old = json.loads(previous.read_text())
+        if all(old.get(k) == results[k] for k in ("model", "max_prompts", "verify_prompts", "verify_max_new_tokens")):
+            results["candidates"] = old.get("candidates", {})
     for name in names:
-        span, position = CANDIDATES[name]
+        span, position, matched = CANDIDATES[name]
         config = IdentifyConfig(model=loaded.name, span=span, position=position, max_prompts=args.max_prompts,
-                                verify=True, verify_prompts=args.verify_prompts,
-                                verify_max_new_tokens=args.verify_max_new_tokens)
+                                match_lengths=matched, verify=True, verify_prompts=args.verify_prompts,
+                                verify_max_new_tokens=args.verify_max_new_tokens, verify_dtype=args.verify_dtype)
+        _share_plain_answers(Path(args.out), name)
         t0 = time.perf_counter()
         ident = identify(config, Path(args.out) / name, loaded=loaded, progress=False)
         entry = diagnostics(ident)
-        entry.update(span=span, position=position, verification=ident.manifest["verification"],
+        entry.update(span=span, position=position, match_lengths=matched, verification=ident.manifest["verification"],
                      wall_s=time.perf_counter() - t0)
         results["candidates"][name] = entry
         v = entry["verification"]

@@ -68,14 +68,21 @@ class _Job:
     splits: dict = field(default_factory=dict)  # "harmful" / "harmless" -> PromptSplit
 
     def stage_config(self, stage: str):
-        """The stage's config with its prompts from its own parts of the splits (see :func:`_split_prompts`)."""
+        """The stage's config: the attacker's identification settings (the defender's, with
+        ``attacker_settings = "defender"``), and its prompts from its own parts of the splits (see
+        :func:`_split_prompts`)."""
         config = self.config.stage_config(stage)
+        if stage == "evaluate" and self.config.attacker_settings == "defender":  # one identification for both
+            own = {f: getattr(config.identify, f) for f in ("harmful", "harmless", "max_prompts", "batch_size")}
+            config = dataclasses.replace(config, identify=dataclasses.replace(
+                self.config.stage_config("identify"), **own, by_category=False, verify=False))
         if not self.splits:
             return config
         part = {kind: split.files for kind, split in self.splits.items()}  # kind -> part name -> file
         attacker = "attacker" if "attacker" in part["harmful"] else "defender"
-        if stage == "identify":
-            return dataclasses.replace(config, harmful=part["harmful"]["defender"], harmless=part["harmless"]["defender"])
+        if stage == "identify":  # the causal check measures on the prefs part: never seen by identification
+            return dataclasses.replace(config, harmful=part["harmful"]["defender"], harmless=part["harmless"]["defender"],
+                                       verify_harmful=config.verify_harmful or part["harmful"]["prefs"])
         if stage == "prefs":
             return dataclasses.replace(config, harmful=part["harmful"]["prefs"], harmless=part["harmless"]["prefs"])
         if stage == "align":  # later rounds re-identify on the defender's prompts

@@ -82,8 +82,13 @@ def t_statistic(d: torch.Tensor, n_harmful: int, n_harmless: int) -> torch.Tenso
     return d * math.sqrt(n_harmful * n_harmless / (n_harmful + n_harmless))
 
 
-def one_sided_p(t: torch.Tensor) -> torch.Tensor:
-    """One-sided p-value ``1 - Phi(t)`` under the normal approximation."""
+def one_sided_p(t: torch.Tensor, df: int | None = None) -> torch.Tensor:
+    """One-sided p-value of ``t``: Student's t with ``df`` degrees of freedom (``n_u + n_s - 2`` for the pooled
+    two-sample statistic T), or ``1 - Phi(t)`` (the normal approximation) when ``df`` is None."""
+    if df is not None:
+        from scipy.stats import t as student_t
+
+        return torch.from_numpy(student_t.sf(t.double().numpy(), df))
     return torch.from_numpy(norm.sf(t.double().numpy()))
 
 
@@ -122,16 +127,10 @@ def select_by_t(p_values: torch.Tensor, alpha: float, correction: str) -> torch.
     n = p.numel()
     if correction == "bonferroni":
         return p < alpha / n
-    if correction == "bh":
-        order = torch.argsort(p)
-        ranked = p[order]
-        passed = ranked <= alpha * torch.arange(1, n + 1, dtype=torch.float64) / n
-        if not passed.any():
-            return torch.zeros(n, dtype=torch.bool)
-        k = int(torch.nonzero(passed).max()) + 1
-        chosen = torch.zeros(n, dtype=torch.bool)
-        chosen[order[:k]] = True
-        return chosen
+    if correction == "bh":  # Benjamini-Hochberg adjusted p-values (scipy), selected at alpha
+        from scipy.stats import false_discovery_control
+
+        return torch.from_numpy(false_discovery_control(p.numpy(), method="bh") <= alpha)
     raise ValueError(f"unknown correction {correction!r}; choose 'bonferroni' or 'bh'")
 
 

@@ -84,3 +84,15 @@ def test_render_chat_uses_template_and_fallback():
     assert render_chat(tok, ["hi"]) == ["<|user|>hi<|end|><|assistant|>"]
     plain = make_tokenizer(chat_template=False)
     assert render_chat(plain, ["hi"]) == [PLAIN_FORMAT.format(prompt="hi")]
+
+
+def test_match_lengths_picks_harmless_prompts_of_the_harmful_word_counts():
+    from safeneuron.data.prompts import PromptSet, match_lengths
+
+    pool = PromptSet(["a", "a b", "a b c", "a b c d", "a b c d e f g h"], source="pool")
+    reference = PromptSet(["x y z", "x y z w v u t s t"], source="ref")
+    matched = match_lengths(pool, reference)
+    assert matched.prompts == ["a b c", "a b c d e f g h"]  # 3 words -> 3; 9 words -> the longest, 8
+    assert len(match_lengths(load_prompts("builtin:harmless"), load_prompts("builtin:harmful", limit=40))) == 40
+    with pytest.raises(PromptFileError, match="cannot match"):
+        match_lengths(PromptSet(["a"]), reference)

@@ -137,3 +137,13 @@ def test_sas_never_selects_a_neuron_whose_harmful_mean_is_lower():
     sets = select_safety_neurons(scores, 40, 40, tau_es=2.0, tau_sas=2.0)
     assert sets["sas"].masks["m"][0] and not sets["sas"].masks["m"][1]
     assert sets["es"].masks["m"][0] and not sets["es"].masks["m"][1]
+
+
+def test_one_sided_p_uses_students_t_with_the_pooled_degrees_of_freedom():
+    from safeneuron.scoring import one_sided_p
+
+    t = torch.tensor([2.0, 0.0])
+    student = one_sided_p(t, df=10)
+    assert student[0].item() == pytest.approx(0.036694, abs=1e-5)  # t table: P(T_10 > 2)
+    assert student[1].item() == pytest.approx(0.5)
+    assert one_sided_p(t)[0].item() == pytest.approx(0.022750, abs=1e-5)  # the normal tail is thinner

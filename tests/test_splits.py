@@ -68,3 +68,18 @@ def test_evaluate_refuses_prompts_an_upstream_stage_saw(tmp_path):
     with pytest.raises(SafeneuronError, match=r"evaluation prompt\(s\) were used upstream") as err:
         evaluate_model(loaded, config, tmp_path / "eval", progress=False)
     assert err.value.fields == ("harmful", "harmless", "upstream")
+
+
+def test_the_attacker_can_take_the_defenders_identification_settings(tmp_path):
+    from safeneuron import pipeline
+
+    config = RunConfig(out=str(tmp_path / "run"), attacker_settings="defender",
+                       identify={"max_prompts": 64, "position": "mean", "span": "content", "tau_es": 1.5},
+                       evaluate={"identify": {"max_prompts": 24, "position": "max"}})
+    job = pipeline._start(config, pipeline.STAGES, progress=False)
+    attacker = job.stage_config("evaluate").identify
+    assert (attacker.position, attacker.span, attacker.tau_es) == ("mean", "content", 1.5)  # the defender's
+    assert attacker.max_prompts == 24 and not attacker.verify  # its own prompt count, no causal check
+    own = pipeline._start(RunConfig(out=str(tmp_path / "own"), evaluate={"identify": {"position": "max"}}),
+                          pipeline.STAGES, progress=False)
+    assert own.stage_config("evaluate").identify.position == "max"

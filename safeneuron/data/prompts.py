@@ -21,7 +21,8 @@ from safeneuron.data.files import read_records
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptSet", "PromptFileError", "load_prompts", "render_chat", "builtin_path", "PROMPT_COLUMNS"]
+__all__ = ["PromptSet", "PromptFileError", "load_prompts", "render_chat", "builtin_path", "match_lengths",
+           "PROMPT_COLUMNS"]
 
 #: Column names recognised as the prompt, in order of preference (case-insensitive).
 PROMPT_COLUMNS = ("prompt", "goal", "behavior", "instruction", "question", "text")
@@ -220,6 +221,22 @@ def load_prompts(
     else:
         ps = _read_file(Path(src), column)
     return _clean(ps).limit(limit, seed)
+
+
+def match_lengths(pool: PromptSet, reference: PromptSet) -> PromptSet:
+    """As many prompts of ``pool`` as ``reference`` holds, chosen so their word counts match: for each
+    reference prompt, longest first, the unused pool prompt of the nearest word count (ties: pool order).
+    The confound control of identification: harmful and harmless prompts of the same lengths."""
+    if len(pool) < len(reference):
+        raise PromptFileError(f"{pool.source}: {len(pool)} prompts cannot match the lengths of {len(reference)}")
+    lengths = [len(p.split()) for p in pool.prompts]
+    free = set(range(len(pool)))
+    chosen = []
+    for target in sorted((len(p.split()) for p in reference.prompts), reverse=True):
+        best = min(free, key=lambda i: (abs(lengths[i] - target), i))
+        free.remove(best)
+        chosen.append(best)
+    return pool.subset(sorted(chosen), f"{pool.source} (length-matched to {reference.source})")
 
 
 #: Format used when a tokenizer has no chat template.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from safeneuron.errors import SafeneuronError
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -50,7 +51,7 @@ from safeneuron.artifacts import (
 )
 from safeneuron.config import ConfigError, IdentifyConfig, settings_hash
 from safeneuron.data.images import MultimodalPromptSet, load_multimodal_set, typographic_prompts
-from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts
+from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts, match_lengths
 from safeneuron.distributed import all_merge_stats, barrier, shard, world
 from safeneuron.evaluation.judges import RefusalJudge
 from safeneuron.evaluation.measure import GenerationSettings, judged_responses, model_tag
@@ -132,13 +133,13 @@ def select_safety_neurons(
 ) -> dict[str, SafetyNeuronMask]:
     """The ES set, the SAS set and their union, per MLP.
 
-    ES: ``d > tau_es`` (or, with ``select="t"``, one-sided p-value of T below the
-    Bonferroni/BH cut over all neurons). SAS: ``z > tau_sas`` and ``shift > 0``.
+    ES: ``d > tau_es`` (or, with ``select="t"``, the one-sided Student-t p-value of T, with
+    ``n_harmful + n_harmless - 2`` degrees of freedom, below the Bonferroni/BH cut over all neurons). SAS: ``z > tau_sas`` and ``shift > 0``.
     ``top_frac`` caps each set per layer by its own score.
     """
     names = list(scores)
     if select == "t":
-        p = torch.cat([one_sided_p(scores[n].t) for n in names])
+        p = torch.cat([one_sided_p(scores[n].t, df=n_harmful + n_harmless - 2) for n in names])  # Student's t
         flat = select_by_t(p, alpha, correction)
         es_sets, start = {}, 0
         for n in names:
@@ -197,8 +198,12 @@ def _load_sets(config: IdentifyConfig, multimodal: bool = False
     load = load_multimodal_set if multimodal else load_prompts
     harmful = load(config.harmful, default="harmful", column=config.prompt_column, limit=config.max_prompts,
                    seed=config.seed)
-    harmless = load(config.harmless, default="harmless", column=config.prompt_column, limit=config.max_prompts,
-                    seed=config.seed)
+    if config.match_lengths and not multimodal:  # the harmless prompts of the harmful prompts' word counts
+        harmless = match_lengths(load_prompts(config.harmless, default="harmless", column=config.prompt_column),
+                                 harmful)
+    else:
+        harmless = load(config.harmless, default="harmless", column=config.prompt_column, limit=config.max_prompts,
+                        seed=config.seed)
     for label, ps in (("harmful", harmful), ("harmless", harmless)):
         if len(ps) < 2:
             raise PromptFileError(f"{ps.source}: {len(ps)} {label} prompt(s); statistics need at least 2 per class")
@@ -353,17 +358,22 @@ def _verify(run: _Run, stage: StageDir, union: SafetyNeuronMask, progress: bool)
     held_out = load_eval_prompts(config.verify_harmful or config.harmful, default="harmful",
                                  n=config.verify_prompts, seed=config.seed, exclude=run.harmful.prompts)
     judge = RefusalJudge()
-    settings = GenerationSettings(max_new_tokens=config.verify_max_new_tokens, batch_size=config.batch_size,
+    settings = GenerationSettings(max_new_tokens=config.verify_max_new_tokens, batch_size=max(32, config.batch_size),
                                   seed=config.seed)
     control = SafetyNeuronMask.random(run.sites, like=union, seed=config.seed)
     out: dict = {"neuron_set": "union", "judge": judge.name, "max_new_tokens": config.verify_max_new_tokens,
                  "harmful": {"source": held_out.source, "n": len(held_out), "sha256": held_out.sha256}}
     prompts = typographic_prompts(held_out) if run.image_text else held_out.prompts  # as a VLM was identified
+    loaded = run.loaded
+    if config.verify_dtype is not None and Path(loaded.path).is_dir():  # a copy in the check's dtype
+        loaded = dataclasses.replace(load_model(loaded.path, dtype=config.verify_dtype, device=config.device),
+                                     name=loaded.name)
+    out["dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     flags = {}
     for name, mask in (("plain", None), ("pruned", union), ("random", control)):
-        judged = judged_responses(run.loaded, prompts, judge, mask=mask, judge_prompts=held_out.prompts,
+        judged = judged_responses(loaded, prompts, judge, mask=mask, judge_prompts=held_out.prompts,
                                   settings=settings, cache=stage.path / "verify" / "generations.jsonl",
-                                  tag=model_tag(run.loaded), progress=progress)
+                                  tag=model_tag(loaded), progress=progress)
         out[name] = {**Rate(judged.k, judged.n).as_dict(), "pruned": mask.count() if mask is not None else 0}
         flags[name] = judged.flags
     out["asr_increase"] = {k: out[k]["rate"] - out["plain"]["rate"] for k in ("pruned", "random")}
