@@ -377,6 +377,7 @@ def collect_features(
     prompts: Sequence[str],
     *,
     position: str = "max",
+    span: str = "prompt",
     batch_size: int = 16,
     max_length: int = 512,
     progress: bool = True,
@@ -404,7 +405,7 @@ def collect_features(
     state: dict = {}
 
     def record(site, acts: torch.Tensor) -> None:
-        pooled = pool_tokens(acts.detach(), state["mask"], position).cpu()
+        pooled = pool_tokens(acts.detach(), state["mask"], position, state["span"]).cpu()
         if site.name not in neurons:
             neurons[site.name] = torch.empty(n, pooled.shape[-1], dtype=torch.float32)
         neurons[site.name][state["idx"]] = pooled
@@ -418,12 +419,13 @@ def collect_features(
                                      max_length=max_length, model=model)
             for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
                 state["mask"] = batch.inputs["attention_mask"]
+                state["span"] = batch.spans.get(span)  # None for "prompt" and for image+text prompts
                 state["idx"] = torch.tensor(batch.indices)
                 hidden = forward_without_logits(model, batch.inputs, output_hidden_states=True).hidden_states[1:]
                 if residual is None:
                     residual = torch.empty(len(hidden), n, hidden[0].shape[-1], dtype=torch.float32)
                 for layer, h in enumerate(hidden):
-                    residual[layer, state["idx"]] = pool_tokens(h, state["mask"], position).cpu()
+                    residual[layer, state["idx"]] = pool_tokens(h, state["mask"], position, state["span"]).cpu()
     finally:
         model.train(was_training)
     assert residual is not None, "no prompts"

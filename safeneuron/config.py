@@ -160,12 +160,14 @@ class IdentifyConfig:
     method: Method = "stats"
     """``stats`` (ES + SAS, closed form, streaming) or ``neurostrike`` (logistic probes)."""
     position: Position | None = None
-    """Token pooling per prompt: ``max`` over the prompt, ``last`` token, or ``mean``; None = ``max`` for text models,
-    ``last`` (the end of the prompt, after the image tokens) for vision-language models."""
-    span: Literal["prompt", "content", "post"] = "prompt"
-    """Tokens that ``max``/``mean`` pool over: ``prompt`` (every token of the rendered chat, the template's constant
-    system prompt and role markers included), ``content`` (the user's own text only) or ``post`` (the tokens after
-    it: end-of-turn marker and generation prompt). Text prompts; image+text prompts pool over the whole prompt."""
+    """Token pooling per prompt: ``max`` or ``mean`` over the ``span``'s tokens, or the ``last`` token; None = ``mean``
+    for text models (with ``span = "post"``: chosen by a measured comparison, see the README), ``last`` (the end of
+    the prompt, after the image tokens) for vision-language models, ``max`` for ``method = "neurostrike"``."""
+    span: Literal["prompt", "content", "post"] = "post"
+    """Tokens that ``max``/``mean`` pool over: ``post`` (the tokens after the user's text: end-of-turn marker and
+    generation prompt, the default), ``content`` (the user's own text only) or ``prompt`` (every token of the rendered
+    chat, the template's constant system prompt and role markers included). Image+text prompts pool over the whole
+    prompt."""
     tau_es: float | None = None
     """ES (Cohen's d) threshold; None = 3 for Qwen models, 2 for other families (a VLM: its language backbone's)."""
     tau_sas: float = 2.0
@@ -545,11 +547,11 @@ class AttackConfig:
     """Prune the top fraction of all neurons by ``score`` (0.01 = 1 %), ranked across layers."""
     score: str = "es"
     """Score ranked by ``top_frac`` (``es``, ``t``, ``sas``, ``shift``; ``probe_gate``/``probe_up`` for NeuroStrike)."""
-    identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(position="mean", max_prompts=64))
+    identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(max_prompts=64))
     """The attacker's identification on the model under attack (an :class:`IdentifyConfig`: ``method`` ``stats`` or
-    ``neurostrike``, pooling ``position``, prompts, ``max_prompts`` per class, thresholds; TOML ``[attack.identify]``,
-    flags ``--identify.<field>``; its model, seed, dtype and device are this stage's). Defaults: mean pooling (on the
-    embedded model the mean-pooled sets carry refusal while the max-pooled ones barely do), 64 prompts per class."""
+    ``neurostrike``, pooling ``position`` and ``span``, prompts, ``max_prompts`` per class, thresholds; TOML
+    ``[attack.identify]``, flags ``--identify.<field>``; its model, seed, dtype and device are this stage's).
+    Defaults: the defender's identification (the same pooling and thresholds), 64 prompts per class."""
     rounds: int = 1
     """Iterative pruning: identify, prune, re-identify on the pruned model, prune the union; this many rounds."""
     eval_harmful: str | None = None
@@ -646,10 +648,10 @@ class EvalConfig:
     upstream: list[str] = field(default_factory=list)
     """Prompt files that identification and alignment used (the main job sets its splits' parts here): evaluation
     refuses to measure on any of their prompts (``upstream_overlap`` in results.json is always 0)."""
-    identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(position="mean", max_prompts=64))
-    """The attacker's identification on each evaluated model (an :class:`IdentifyConfig`, as in AttackConfig: mean
-    pooling and 64 prompts per class by default; TOML ``[evaluate.identify]``, flags ``--identify.<field>``). Its
-    prompts never enter a measurement."""
+    identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(max_prompts=64))
+    """The attacker's identification on each evaluated model (an :class:`IdentifyConfig`, as in AttackConfig: the
+    defender's pooling and thresholds, 64 prompts per class by default; TOML ``[evaluate.identify]``, flags
+    ``--identify.<field>``). Its prompts never enter a measurement."""
     random_control: bool = True
     """Also prune as many random neurons per layer as the FULL set holds (the control): ``asr_random_control``."""
     attack_rounds: int = 1
@@ -830,7 +832,7 @@ STAGES = ("identify", "prefs", "align", "evaluate", "analyze", "report")
 #: (bfloat16 where the CPU computes it natively: 2.4x faster generation here, and the
 #: embedded model's own checkpoint dtype); identification and training stay float32.
 MAIN_JOB: dict[str, dict[str, Any]] = {
-    "identify": {"max_prompts": 128, "by_category": True},
+    "identify": {"max_prompts": 128, "by_category": True, "verify": True, "verify_dtype": "fast"},
     "prefs": {"n_harmful": 48, "n_harmless": 16, "max_new_tokens": 56, "batch_size": 24},
     "align": {"rounds": 2, "lora": True, "learning_rate": 1e-4, "num_train_epochs": 1.0, "max_pairs": 32,
               "max_length": 192, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
@@ -870,7 +872,7 @@ class RunConfig:
     """Fewer prompts, pairs and steps (same model) for a first look; labelled as such in the report."""
     modes: list[AlignMode] = field(default_factory=lambda: ["safeneuron", "dpo"])
     """Alignment modes to train and compare (``safeneuron``, ``dpo``, ``sn-tune``)."""
-    attacker_settings: Literal["defender", "own"] = "own"
+    attacker_settings: Literal["defender", "own"] = "defender"
     """The adaptive attacker's identification settings (pooling, span, thresholds, method): ``defender`` (the
     [identify] section's, run on the model under attack: one identification for defender and attacker) or ``own``
     (the [evaluate.identify] section as given)."""

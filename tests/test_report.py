@@ -195,3 +195,14 @@ def test_report_cli(run_dir, tmp_path, capsys):
     assert (tmp_path / "r.html").is_file() and (tmp_path / "summary.md").is_file()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_the_report_shows_the_causal_check():
+    from safeneuron.report.build import _verification
+
+    rate = lambda r, k: {"rate": r, "k": k, "n": 48, "ci95": [max(0, r - 0.1), min(1, r + 0.1)]}  # noqa: E731
+    v = {"neuron_set": "union", "judge": "refusal-phrases", "harmful": {"source": "prefs part", "n": 48},
+         "plain": {**rate(0.25, 12), "pruned": 0}, "pruned": {**rate(0.75, 36), "pruned": 3200},
+         "random": {**rate(0.3, 14), "pruned": 3200}, "mcnemar_p": {"pruned": 1e-6, "random": 0.5}}
+    html, md = _verification(v)
+    assert "75.0%" in html and "3,200" in html and "1e-06" in html and "48 held-out" in md

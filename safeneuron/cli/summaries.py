@@ -37,7 +37,9 @@ def identify_summary(result, top: int = 10) -> str:
                       f"judge {v['judge']}:"]
         for name, label in (("plain", "plain"), ("pruned", f"{v['neuron_set']} pruned"), ("random", "random, same count")):
             r = v[name]
-            lines.append(f"  ASR {label:<20} {r['rate']:.1%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]  "
+            odd = sum((r.get("verdicts") or {}).get(k, 0) for k in ("echo", "loop", "no content"))
+            refusals = f", refusals {r['refusal_rate']:.1%}, {odd} echo/loop/empty" if "refusal_rate" in r else ""
+            lines.append(f"  ASR {label:<20} {r['rate']:.1%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]{refusals}  "
                          f"({r['pruned']} neurons pruned)")
         lines.append(f"  McNemar p vs plain: pruned {v['mcnemar_p']['pruned']:.3g}, random {v['mcnemar_p']['random']:.3g}")
     if m["method"] == "stats" and top:

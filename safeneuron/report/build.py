@@ -240,6 +240,10 @@ def _section_neurons(art: RunArtifacts) -> Section | None:
                     f"{shown} neurons (bound n·(1−Φ(τ<sub>T</sub>)), "
                     f"τ<sub>T</sub> = {m.get('tau_t', 0):.2f}).")
             parts_html.append(f'<p class="note">{note}</p>')
+        if m.get("verification"):
+            html, md = _verification(m["verification"])
+            parts_html.append(html)
+            parts_md.append(md)
         if m.get("selected_per_layer") and m.get("d_ff"):
             parts_html.append(_img(figures.plot_layer_counts(m),
                                    "Share of each layer's MLP neurons selected by the effect-size (ES) criterion, "
@@ -260,6 +264,18 @@ def _section_neurons(art: RunArtifacts) -> Section | None:
         parts_md.append("Layer distribution:\n\n" + _md_table(["identification", "layers", "safety neurons",
                                                                 "depth of densest layer"], rows))
     return Section("neurons", "Safety neurons per layer", "\n".join(parts_html), "\n\n".join(parts_md))
+
+
+def _verification(v: Mapping) -> tuple[str, str]:
+    """The causal check of the identification: ASR plain, with the union pruned, with random neurons pruned."""
+    rows = [(label, _num(v[key].get("pruned")), f"{_pct(v[key].get('rate'))} {_ci(v[key].get('ci95'))}",
+             "" if key == "plain" else f"{v.get('mcnemar_p', {}).get(key, float('nan')):.3g}")
+            for key, label in (("plain", "plain"), ("pruned", f"{v.get('neuron_set', 'union')} pruned"),
+                               ("random", "as many random neurons pruned"))]
+    headers = ["condition", "neurons pruned", "ASR [95 % CI]", "McNemar p vs plain"]
+    intro = (f"Causal check on {v['harmful']['n']} held-out harmful prompts ({_esc(v['harmful']['source'])}), judge "
+             f"{_esc(v.get('judge'))}: safety neurons raise the ASR when pruned, random neurons barely move it.")
+    return (f"<p>{intro}</p>" + _html_table(headers, rows), intro + "\n\n" + _md_table(headers, rows))
 
 
 def _asr_cell(m: Mapping, key: str):

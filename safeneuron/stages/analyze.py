@@ -216,13 +216,14 @@ def _categories(config: AnalyzeConfig, idents: Mapping[str, Path], out: Path, wr
 
 def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primary_manifest: dict | None,
                   loaded, compare, progress: bool) -> dict:
-    position = config.position or (primary_manifest or {}).get("position") or "max"
+    position = config.position or (primary_manifest or {}).get("position") or "mean"
+    span = (primary_manifest or {}).get("span") or "prompt"  # as the safety neurons were identified
     mask = SafetyNeuronMask.load(primary / "safety_neurons.safetensors", neuron_set=config.neuron_set) if primary else None
     mask_hash = sha256_file(primary / "safety_neurons.safetensors") if primary else None
     harmful, harmless, held_out = _probe_prompts(config, primary_manifest)
     prompts = harmful.prompts + harmless.prompts
     labels = torch.tensor([1.0] * len(harmful) + [0.0] * len(harmless))
-    settings_key = sha256_text(position, config.neuron_set, str(mask_hash), harmful.sha256, harmless.sha256,
+    settings_key = sha256_text(position, span, config.neuron_set, str(mask_hash), harmful.sha256, harmless.sha256,
                                *(str(getattr(config, k)) for k in ("test_frac", "n_splits", "l2", "probe_max_iter",
                                                                     "seed", "max_length")))
     base = config.model or (primary_manifest or {}).get("model")  # default: the identified model
@@ -237,6 +238,7 @@ def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primar
             previous = {}
     result = {
         "position": position,
+        "span": span,
         "set": config.neuron_set,
         "mask": str(primary) if primary else None,
         "n_harmful": len(harmful),
@@ -277,7 +279,8 @@ def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primar
             result["inputs"] = "image+text"
         residual, neurons = collect_features(lm.model, lm.tokenizer,
                                              typographic_prompts(harmful) + typographic_prompts(harmless) if vlm
-                                             else prompts, position=position, batch_size=config.batch_size,
+                                             else prompts, position=position, span=span,
+                                             batch_size=config.batch_size,
                                              max_length=config.max_length, progress=progress,
                                              processor=processor_of(lm) if vlm else None)
         entry = {"name": name, "model": lm.name, "path": lm.path, "key": key, "n_layers": len(sites),

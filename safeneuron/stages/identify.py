@@ -299,8 +299,9 @@ def _prepare(config: IdentifyConfig, loaded: LoadedModel | None) -> _Run:
     if loaded.is_vlm != multimodal:  # the config alone could not tell (e.g. an unreachable hub config)
         multimodal = not multimodal
         harmful, harmless = _load_sets(config, multimodal)
-    if config.position is None:  # a VLM's prompt ends after its image tokens: pool the last position
-        config = replace(config, position="last" if multimodal else "max")
+    if config.position is None:  # measured default: mean over the post-instruction tokens (bench_pooling.py);
+        # a VLM's prompt ends after its image tokens: the last position; NeuroStrike pools max over the prompt
+        config = replace(config, position="last" if multimodal else "max" if config.method == "neurostrike" else "mean")
     if multimodal and config.method == "neurostrike":
         raise ConfigError("method neurostrike records text prompts only; identify a vision-language model "
                           "with method stats", fields=("method",))
@@ -374,7 +375,9 @@ def _verify(run: _Run, stage: StageDir, union: SafetyNeuronMask, progress: bool)
         judged = judged_responses(loaded, prompts, judge, mask=mask, judge_prompts=held_out.prompts,
                                   settings=settings, cache=stage.path / "verify" / "generations.jsonl",
                                   tag=model_tag(loaded), progress=progress)
-        out[name] = {**Rate(judged.k, judged.n).as_dict(), "pruned": mask.count() if mask is not None else 0}
+        counts = judged.verdict_counts()
+        out[name] = {**Rate(judged.k, judged.n).as_dict(), "pruned": mask.count() if mask is not None else 0,
+                     "refusal_rate": counts.get("refusal", 0) / judged.n if judged.n else None, "verdicts": counts}
         flags[name] = judged.flags
     out["asr_increase"] = {k: out[k]["rate"] - out["plain"]["rate"] for k in ("pruned", "random")}
     out["mcnemar_p"] = {k: mcnemar_exact(flags["plain"], flags[k]) for k in ("pruned", "random")}
