@@ -296,12 +296,14 @@ def collect_activations(
     prompts: Sequence[str],
     *,
     position: str = "max",
+    span: str = "prompt",
     point: str = "neurons",
     batch_size: int = 16,
     max_length: int = 512,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Materialise pooled activations [n_prompts, d] per module (input order kept).
+    """Materialise pooled activations [n_prompts, d] per module (input order kept), pooled by ``position``
+    over the ``span``'s tokens (as :func:`record_activations`).
 
     ``point="neurons"`` records the neuron activations (keys: MLP names);
     ``point="up_outputs"`` records the outputs of the up-side projections as
@@ -321,7 +323,8 @@ def collect_activations(
 
     handles = []
     if point == "neurons":
-        ctx = neuron_hooks(model, lambda site, acts: put(site.name, pool_tokens(acts, state["mask"], position)), sites)
+        ctx = neuron_hooks(model, lambda site, acts: put(site.name, pool_tokens(acts, state["mask"], position,
+                                                                                state["span"])), sites)
     elif point == "up_outputs":
         for site in sites:
             for up_name, up in zip(site.up_names, site.ups):
@@ -346,6 +349,7 @@ def collect_activations(
             for batch in tqdm(iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model)),
                               desc="collecting", unit="batch", disable=not progress):
                 state["mask"] = batch.inputs["attention_mask"]
+                state["span"] = batch.spans.get(span)
                 state["idx"] = torch.tensor(batch.indices)
                 forward_without_logits(model, batch.inputs)
     finally:

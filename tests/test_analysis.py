@@ -224,7 +224,8 @@ def test_analyze_writes_the_artifact_contract(identified, tmp_path):
     sep = json.loads((out / "separability.json").read_text())
     assert [m["name"] for m in sep["models"]] == ["base", "safeneuron"]
     assert sep["held_out_from_identification"] and sep["n_harmful"] == sep["n_harmless"] == 16
-    assert sep["position"] == "max"  # the identification's pooling
+    identified = json.loads((root / "identify" / "identify.json").read_text())
+    assert (sep["position"], sep["span"]) == (identified["position"], identified["span"]) == ("mean", "post")
     for m in sep["models"]:
         assert len(m["residual"]) == len(m["neurons"]) == len(m["safety_neurons"]) == len(m["random_neurons"]) == 3
         assert all(0.0 <= a <= 1.0 for a in m["residual"] + m["neurons"])

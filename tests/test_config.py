@@ -36,7 +36,9 @@ def test_stages_embed_identify_config_and_keep_their_old_keys():
     assert (align.identify.tau_es, align.identify.max_prompts, align.identify.harmful) == (2.5, 8, "h.csv")
     attack = AttackConfig(method="neurostrike", identify_prompts=12, set="sas")
     assert attack.neuron_set == "sas" and attack.identify.method == "neurostrike"
-    assert attack.identify.max_prompts == 12 and attack.identify.position == "mean"  # over the attacker's default
+    assert attack.identify.max_prompts == 12 and attack.identify.position is None  # the defender's default pooling
+    assert AttackConfig(identify_prompts=12).identify.max_prompts == 12 == AttackConfig(
+        identify={"max_prompts": 12}).identify.max_prompts
     evaluate = EvalConfig(attack_position="max", identify_harmful="x.csv")
     assert (evaluate.identify.position, evaluate.identify.harmful, evaluate.identify.max_prompts) == ("max", "x.csv", 64)
     assert PrefsConfig(identify_max_prompts=4).identify.max_prompts == 4

@@ -63,8 +63,9 @@ def test_scores_match_a_direct_computation(tmp_path):
     harmless = load_prompts(None, default="harmless", limit=16)
     from safeneuron.activations import collect_activations
 
-    u = collect_activations(lm.model, lm.tokenizer, harmful.prompts, progress=False)
-    s = collect_activations(lm.model, lm.tokenizer, harmless.prompts, progress=False)
+    assert (result.manifest["position"], result.manifest["span"]) == ("mean", "post")  # the default pooling
+    u = collect_activations(lm.model, lm.tokenizer, harmful.prompts, position="mean", span="post", progress=False)
+    s = collect_activations(lm.model, lm.tokenizer, harmless.prompts, position="mean", span="post", progress=False)
     for mlp in u:
         a, b = u[mlp].double(), s[mlp].double()
         pooled = (((16 - 1) * a.var(0) + (16 - 1) * b.var(0)) / 30).sqrt()

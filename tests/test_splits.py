@@ -80,6 +80,6 @@ def test_the_attacker_can_take_the_defenders_identification_settings(tmp_path):
     attacker = job.stage_config("evaluate").identify
     assert (attacker.position, attacker.span, attacker.tau_es) == ("mean", "content", 1.5)  # the defender's
     assert attacker.max_prompts == 24 and not attacker.verify  # its own prompt count, no causal check
-    own = pipeline._start(RunConfig(out=str(tmp_path / "own"), evaluate={"identify": {"position": "max"}}),
-                          pipeline.STAGES, progress=False)
+    own = pipeline._start(RunConfig(out=str(tmp_path / "own"), attacker_settings="own",
+                                    evaluate={"identify": {"position": "max"}}), pipeline.STAGES, progress=False)
     assert own.stage_config("evaluate").identify.position == "max"

@@ -128,5 +128,8 @@ def judged_responses(
     if what == "refused":
         flags = [bool(f) for f in judge.refusals(responses)]
         return Judged(responses, flags, ["refused" if f else "answered" for f in flags], seen)
-    verdicts = judge.verdicts(seen, responses)
+    if hasattr(judge, "verdicts"):
+        verdicts = judge.verdicts(seen, responses)
+    else:  # a judge of one's own with only compliant(): its flags, without reasons
+        verdicts = ["compliant" if c else "not compliant" for c in judge.compliant(seen, responses)]
     return Judged(responses, [v == "compliant" for v in verdicts], verdicts, seen)
