@@ -214,6 +214,16 @@ def _categories(config: AnalyzeConfig, idents: Mapping[str, Path], out: Path, wr
     return categories
 
 
+def _finished_models(path: Path) -> dict[str, dict]:
+    """The models an earlier (or killed) run already probed, by name (each with its settings key)."""
+    if not path.is_file():
+        return {}
+    try:
+        return {m["name"]: m for m in read_json(path).get("models", []) if m.get("key")}
+    except (ArtifactError, AttributeError):
+        return {}
+
+
 def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primary_manifest: dict | None,
                   loaded, compare, progress: bool) -> dict:
     position = config.position or (primary_manifest or {}).get("position") or "mean"
@@ -230,27 +240,13 @@ def _separability(config: AnalyzeConfig, out: Path, primary: Path | None, primar
     models: dict[str, object] = {"base": loaded if loaded is not None else base}
     models.update(compare if compare is not None else _named(config.compare))
     path = out / "separability.json"
-    previous = {}
-    if path.is_file():
-        try:
-            previous = {m["name"]: m for m in read_json(path).get("models", []) if m.get("key")}
-        except (ArtifactError, AttributeError):
-            previous = {}
+    previous = _finished_models(path)
     result = {
-        "position": position,
-        "span": span,
-        "set": config.neuron_set,
-        "mask": str(primary) if primary else None,
-        "n_harmful": len(harmful),
-        "n_harmless": len(harmless),
-        "prompts": {"harmful": harmful.source, "harmless": harmless.source},
-        "held_out_from_identification": held_out,
-        "test_frac": config.test_frac,
-        "n_splits": config.n_splits,
-        "l2": config.l2,
-        "seed": config.seed,
-        "inputs": "text",
-        "models": [],
+        "position": position, "span": span, "set": config.neuron_set, "mask": str(primary) if primary else None,
+        "n_harmful": len(harmful), "n_harmless": len(harmless),
+        "prompts": {"harmful": harmful.source, "harmless": harmless.source}, "held_out_from_identification": held_out,
+        "test_frac": config.test_frac, "n_splits": config.n_splits, "l2": config.l2, "seed": config.seed,
+        "inputs": "text", "models": [],
     }
     for name, spec in models.items():
         t0 = time.perf_counter()
