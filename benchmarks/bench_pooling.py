@@ -65,19 +65,22 @@ def diagnostics(identification) -> dict:
 def _share_plain_answers(out: Path, name: str) -> None:
     """Seed this candidate's causal-check cache with the plain (unpruned) answers another candidate already
     generated: the model and the held-out prompts are the same, so those answers are too."""
-    target = out / name / "verify" / "generations.jsonl"
-    lines = {}
+    from safeneuron.generation import open_cache, read_cache
+
+    records = {}
     for cache in out.glob("*/verify/generations.jsonl"):
         for line in cache.read_text(encoding="utf-8").split("\n"):
-            if line.strip() and "|prune:" not in line:
-                lines.setdefault(json.loads(line)["key"], line)
-    if lines:
-        have = set()
-        if target.exists():
-            have = {json.loads(l)["key"] for l in target.read_text(encoding="utf-8").split("\n") if l.strip()}
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a", encoding="utf-8") as fh:
-            fh.writelines(line + "\n" for key, line in lines.items() if key not in have)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # blank, or a torn last line (a kill mid-write)
+                continue
+            if "|prune:" not in record.get("tag", ""):
+                records.setdefault(record["key"], record)
+    if records:
+        target = out / name / "verify" / "generations.jsonl"
+        have = read_cache(target)
+        with open_cache(target) as fh:  # closes a torn last line first
+            fh.writelines(json.dumps(r) + "\n" for key, r in records.items() if key not in have)
 
 
 def main() -> None:

@@ -268,7 +268,7 @@ def record_activations(
                        unit="prompt", disable=not progress)
             bar.update(min(len(prompts), skip_batches * batch_size))
             batches = prompt_batches(processing, prompts, batch_size, max_length=max_length, model=model,
-                                     skip=skip_batches)
+                                     skip=skip_batches, spans=span != "prompt")
             for b, batch in enumerate(batches, start=skip_batches):
                 rows: dict[str, list[int]] = {}
                 for r, i in enumerate(batch.indices):
@@ -346,7 +346,8 @@ def collect_activations(
     model.eval()
     try:
         with ctx, torch.no_grad():
-            for batch in tqdm(iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model)),
+            for batch in tqdm(iter_batches(tokenizer, prompts, batch_size, max_length, model_device(model),
+                                           spans=span != "prompt"),
                               desc="collecting", unit="batch", disable=not progress):
                 state["mask"] = batch.inputs["attention_mask"]
                 state["span"] = batch.spans.get(span)

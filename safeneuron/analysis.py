@@ -416,7 +416,7 @@ def collect_features(
     try:
         with neuron_hooks(model, record, sites), torch.no_grad():
             batches = prompt_batches(processor if processor is not None else tokenizer, prompts, batch_size,
-                                     max_length=max_length, model=model)
+                                     max_length=max_length, model=model, spans=span != "prompt")
             for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
                 state["mask"] = batch.inputs["attention_mask"]
                 state["span"] = batch.spans.get(span)  # None for "prompt" and for image+text prompts

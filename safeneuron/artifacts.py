@@ -223,7 +223,10 @@ class StageDir:
             if main:
                 for pat in (self.manifest, *remove):
                     for f in self.path.glob(pat):
-                        shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+                        if f.is_dir():
+                            shutil.rmtree(f, ignore_errors=True)
+                        else:
+                            f.unlink(missing_ok=True)
             sync()
         self.path.mkdir(parents=True, exist_ok=True)
 

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import tomllib
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,7 +49,7 @@ def _choices(tp) -> tuple | None:
     """The values a ``Literal`` type (or ``Literal | None``) allows; None for other types."""
     if typing.get_origin(tp) is Literal:
         return typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             if typing.get_origin(arg) is Literal:
                 return typing.get_args(arg)

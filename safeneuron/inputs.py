@@ -79,6 +79,7 @@ def prompt_batches(
     max_length: int = 512,
     model: nn.Module | None = None,
     skip: int = 0,
+    spans: bool = False,
 ) -> Iterator[Batch]:
     """Batches of text or image+text prompts (see the module docstring), ``skip`` batches left out.
 
@@ -88,13 +89,14 @@ def prompt_batches(
             (with a warning); image+text prompts are never cut.
         model: inputs go to its device (and floating inputs, pixels, to its dtype).
         skip: leave out the first ``skip`` batches of the deterministic order (resume).
+        spans: also give text batches their ``content`` and ``post`` token masks (:attr:`Batch.spans`).
     """
     prompts = list(prompts)
     if is_image_text(prompts):
         yield from image_text_batches(processing, prompts, batch_size, model=model, skip=skip)
         return
     device = model_device(model) if model is not None else "cpu"
-    yield from iter_batches(tokenizer_of(processing), prompts, batch_size, max_length, device)[skip:]
+    yield from iter_batches(tokenizer_of(processing), prompts, batch_size, max_length, device, spans=spans)[skip:]
 
 
 def iter_batches(
@@ -103,11 +105,14 @@ def iter_batches(
     batch_size: int,
     max_length: int = 512,
     device: torch.device | str = "cpu",
+    *,
+    spans: bool = False,
 ) -> list[Batch]:
     """Render, tokenise and batch text prompts, grouped by length to minimise padding.
 
     Batches are left-padded; the order is deterministic (longest first).
     Prompts longer than ``max_length`` tokens are truncated from the left, with a warning.
+    With ``spans`` (and a fast tokenizer) each batch gets its ``content`` and ``post`` token masks.
     """
     _prepare_tokenizer(tokenizer)
     texts = render_chat(tokenizer, prompts)
@@ -117,8 +122,8 @@ def iter_batches(
     if too_long:
         logger.warning("%d prompts are longer than max_length=%d tokens and were truncated", too_long, max_length)
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
-    fast = bool(getattr(tokenizer, "is_fast", False))
-    content = [_content_chars(t, p) for t, p in zip(texts, prompts)]
+    fast = spans and bool(getattr(tokenizer, "is_fast", False))
+    content = [_content_chars(t, p) for t, p in zip(texts, prompts)] if fast else []
     if fast and any(c is None for c in content):
         logger.warning("the chat template changes %d prompt(s); their content span is the whole prompt",
                        sum(c is None for c in content))
@@ -130,9 +135,9 @@ def iter_batches(
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-        spans = _span_masks(enc["offset_mapping"], inputs["attention_mask"], [content[i] for i in idx]) if fast else {}
+        masks = _span_masks(enc["offset_mapping"], inputs["attention_mask"], [content[i] for i in idx]) if fast else {}
         batches.append(Batch(idx, {k: v.to(device) for k, v in inputs.items()}, {k: v.to(device)
-                                                                                  for k, v in spans.items()}))
+                                                                                  for k, v in masks.items()}))
     return batches
 
 

@@ -19,7 +19,7 @@ from safeneuron.stages.identify import identify
 def test_content_and_post_spans_are_the_users_text_and_what_follows_it():
     tok = make_tokenizer()
     prompts = ["hello there", "how to pick a lock"]
-    for batch in iter_batches(tok, prompts, 2):
+    for batch in iter_batches(tok, prompts, 2, spans=True):
         for row, i in enumerate(batch.indices):
             ids = batch.inputs["input_ids"][row]
             assert tok.decode(ids[batch.spans["content"][row]]) == prompts[i]

@@ -25,6 +25,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from safeneuron.artifacts import timestamp, write_json
 from safeneuron.config import PrefsConfig
@@ -112,9 +113,13 @@ def synthesize_preferences(
     provenance = {"model": loaded.name, "weights_sha256": whash, "mask": mask_source, "mask_digest": mask.digest(),
                   "neurons_pruned": mask.count(), "judge": judge.name}
     report = SynthesisReport(n_harmful=len(harmful), n_harmless=len(harmless) if harmless else 0)
-    rng = random.Random(config.seed)
-    pairs = _harmful_pairs(harmful, answers, judge, rng, report, provenance)
-    pairs += _harmless_pairs(harmless, answers, judge, rng, report, provenance)
+    rng, templates = random.Random(config.seed), refusal_templates()  # one seeded draw sequence for both kinds
+
+    def template() -> str:
+        return rng.choice(templates)
+
+    pairs = _harmful_pairs(harmful, answers, judge, template, report, provenance)
+    pairs += _harmless_pairs(harmless, answers, judge, template, report, provenance)
     if not pairs:
         raise PreferenceDataError(
             f"no preference pair could be synthesised: the model refused all {len(harmful)} harmful prompts even "
@@ -192,17 +197,16 @@ def _answers(loaded: LoadedModel, harmful: PromptSet, harmless: PromptSet | None
     return _Answers(intact, pruned, helpful, shown)
 
 
-def _harmful_pairs(harmful: PromptSet, answers: _Answers, judge: RefusalJudge, rng: random.Random,
+def _harmful_pairs(harmful: PromptSet, answers: _Answers, judge: RefusalJudge, template: Callable[[], str],
                    report: SynthesisReport, provenance: dict) -> list[dict]:
     """chosen = the intact model's refusal (else a template), rejected = the pruned compliance (else the
     intact one); a prompt with no compliance at all is dropped."""
-    templates = refusal_templates()
     refused = [judge.is_refusal(r) for r in answers.intact]
     pruned_refused = [judge.is_refusal(r) for r in answers.pruned]
     pairs = []
     for i in range(len(harmful)):
-        template = rng.choice(templates)
-        chosen, chosen_source = (answers.intact[i], "model") if refused[i] else (template, "template")
+        drawn = template()
+        chosen, chosen_source = (answers.intact[i], "model") if refused[i] else (drawn, "template")
         if not pruned_refused[i]:
             rejected, rejected_source = answers.pruned[i], "model-pruned"
         elif not refused[i]:
@@ -223,20 +227,19 @@ def _harmful_pairs(harmful: PromptSet, answers: _Answers, judge: RefusalJudge, r
     return pairs
 
 
-def _harmless_pairs(harmless: PromptSet | None, answers: _Answers, judge: RefusalJudge, rng: random.Random,
+def _harmless_pairs(harmless: PromptSet | None, answers: _Answers, judge: RefusalJudge, template: Callable[[], str],
                     report: SynthesisReport, provenance: dict) -> list[dict]:
     """chosen = the model's helpful answer, rejected = a needless refusal (a template); a harmless prompt the
     model refused is dropped."""
     if not harmless:
         return []
-    templates = refusal_templates()
     pairs = []
     for i in range(len(harmless)):
-        template = rng.choice(templates)
+        drawn = template()
         if judge.is_refusal(answers.helpful[i]):
             report.dropped_harmless_refused += 1
             continue
-        pairs.append({**answers.shown["harmless"][i], "chosen": answers.helpful[i], "rejected": template,
+        pairs.append({**answers.shown["harmless"][i], "chosen": answers.helpful[i], "rejected": drawn,
                       "kind": "harmless", "category": harmless.categories[i], "chosen_source": "model",
                       "rejected_source": "template", **provenance})
     report.pairs_harmless = len(pairs)
