@@ -20,6 +20,7 @@ from safeneuron.errors import SafeneuronError
 import dataclasses
 import difflib
 import functools
+import math
 import tomllib
 import types
 import typing
@@ -519,6 +520,134 @@ DEFAULT_TEMPLATES = ["prefix_injection", "refusal_suppression", "role_play", "pa
 NEURON_SETS = ("es", "sas", "union")
 
 
+#: The attacks beyond one-shot pruning (``safeneuron attack --kind``, ``[evaluate.attacks] kinds``).
+ATTACK_KINDS = ("transfer", "whitebox", "best_neuron", "probe", "direction", "prefill", "finetune")
+AttackKind = Literal["prune", "transfer", "whitebox", "best_neuron", "probe", "direction", "prefill", "finetune"]
+
+
+@config_dataclass
+class AttackSuiteConfig:
+    """Settings of the attacks a red-teamer tries beyond one-shot pruning, each measured as ASR against its budget
+    with the utility it costs (KL of the next-token distribution on harmless prompts against the unattacked model,
+    and perplexity on harmless text). TOML ``[attack.attacks]`` / ``[evaluate.attacks]``, flags ``--attacks.<field>``.
+
+    Kinds: ``transfer`` (the base model's sets pruned on this model: NeuroStrike's setting), ``whitebox`` (the
+    defender's frozen set from the aligned model's align artifacts, alone and with the re-identified set),
+    ``best_neuron`` (the neuron whose zeroing most lowers the refusal score on attacker prompts), ``probe`` (a 2-layer
+    MLP probe per layer, neurons by input-gradient attribution), ``direction`` (refusal-direction ablation, rank 1..k),
+    ``prefill`` (the answer begins with a compliant opening; judged on the continuation) and ``finetune`` (LoRA SFT on
+    k harmful prompt/answer pairs).
+    """
+
+    kinds: list[str] = field(default_factory=list)
+    """Attacks ``evaluate`` runs on every model (``results.json`` ``attacks``); empty = none (``all`` = every kind)."""
+    utility_prompts: int = 16
+    """Harmless prompts (the attacker's) for each condition's utility cost: KL and perplexity; 0 = not measured."""
+    transfer_mask: str | None = None
+    """``transfer``: the source model's sets (mask file or identify directory). In ``evaluate``, None = the first
+    evaluated model's attacker identification (the base model, in the main job)."""
+    whitebox_mask: str | None = None
+    """``whitebox``: the defender's frozen set (a ``frozen.safetensors``); None = read from the aligned model's align
+    artifacts (``round_<r>/frozen.safetensors`` of the round its model directory is)."""
+    best_neuron_candidates: int = 32
+    """``best_neuron``: neurons tried one at a time (the top ones by the attacker's ``t`` score)."""
+    best_neuron_counts: list[int] = field(default_factory=lambda: [1])
+    """``best_neuron``: how many of the best-ranked neurons are pruned together (the budget)."""
+    probe_hidden: int = 64
+    """``probe``: hidden width of each layer's 2-layer MLP probe."""
+    probe_epochs: int = 300
+    """``probe``: full-batch Adam epochs per probe."""
+    probe_z: float = 3.0
+    """``probe``: neurons whose mean input-gradient attribution has a within-layer z-score above this are pruned."""
+    direction_ranks: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """``direction``: dimensions of the ablated refusal subspace (the budget): the best candidates, orthonormalised."""
+    direction_positions: int = 5
+    """``direction``: post-instruction positions (the prompt's last tokens) a direction may be taken at."""
+    direction_candidates: int = 16
+    """``direction``: (layer, position) candidates scored by ablation (the most separating ones)."""
+    direction_kl_budget: float = 0.1
+    """``direction``: a candidate whose ablation moves the harmless next-token distribution by more KL (nats) is not
+    chosen."""
+    direction_max_layer: float = 0.8
+    """``direction``: candidates come from layers below this fraction of the depth (refusal_direction's filter)."""
+    direction_selection_share: float = 0.25
+    """``direction``: share of the attacker's prompts kept out of the extraction to choose the candidate on."""
+    prefill_openings: list[str] | None = None
+    """``prefill``: answer openings tried in turn (None = the built-in ones, written for this project)."""
+    prefill_attempts: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """``prefill``: the budget: a prompt counts as jailbroken when one of the first n openings works."""
+    finetune_examples: list[int] = field(default_factory=lambda: [10, 50, 100])
+    """``finetune``: harmful prompt/answer pairs trained on (the budget); capped by the pairs available (reported)."""
+    finetune_epochs: int = 3
+    """``finetune``: epochs of LoRA SFT; the ASR is measured after each."""
+    finetune_answers: str | None = None
+    """``finetune``: a file of prompt/answer pairs (JSONL/CSV, ``prompt``/``answer`` or ``response`` columns); None =
+    self-generated: the model's own answers judged compliant with the attacker's union pruned."""
+    finetune_prompts: str | None = None
+    """``finetune``: harmful prompts the self-generated answers are asked for (file, set name); None = the attacker's
+    identification prompts. Evaluation prompts are always left out."""
+    finetune_lora_r: int = 8
+    """``finetune``: LoRA rank (alpha = 2 r, all linear layers)."""
+    finetune_learning_rate: float = 2e-4
+    """``finetune``: learning rate (constant after a 10 % warmup)."""
+    finetune_batch_size: int = 2
+    """``finetune``: pairs per optimizer step."""
+    finetune_max_length: int = 256
+    """``finetune``: tokens per training sequence."""
+    finetune_answer_tokens: int = 96
+    """``finetune``: tokens generated per self-generated answer."""
+
+    def validate(self) -> None:
+        if [k.lower() for k in self.kinds] == ["all"]:
+            self.kinds = list(ATTACK_KINDS)
+        if [k.lower() for k in self.kinds] == ["none"]:
+            self.kinds = []
+        for name in ("best_neuron_counts", "direction_ranks", "prefill_attempts", "finetune_examples"):
+            values = getattr(self, name)  # CLI lists arrive as strings
+            if isinstance(values, list):
+                try:
+                    setattr(self, name, [int(v) if isinstance(v, str) else v for v in values])
+                except ValueError:
+                    raise ConfigError(f"attacks.{name} takes whole numbers >= 1, got {values!r}", fields=(name,)) \
+                        from None
+        unknown = [k for k in self.kinds if k not in ATTACK_KINDS]
+        if unknown:
+            raise ConfigError(f"attacks.kinds: unknown attack {unknown[0]!r}; choose from {', '.join(ATTACK_KINDS)}",
+                              fields=("kinds",))
+        positive = {"best_neuron_candidates": [self.best_neuron_candidates], "best_neuron_counts": self.best_neuron_counts,
+                    "probe_hidden": [self.probe_hidden], "probe_epochs": [self.probe_epochs],
+                    "direction_ranks": self.direction_ranks, "direction_positions": [self.direction_positions],
+                    "direction_candidates": [self.direction_candidates], "prefill_attempts": self.prefill_attempts,
+                    "finetune_examples": self.finetune_examples, "finetune_epochs": [self.finetune_epochs],
+                    "finetune_lora_r": [self.finetune_lora_r], "finetune_batch_size": [self.finetune_batch_size],
+                    "finetune_max_length": [self.finetune_max_length],
+                    "finetune_answer_tokens": [self.finetune_answer_tokens]}
+        for name, values in positive.items():
+            try:
+                ok = bool(values) and all(int(v) == v and v >= 1 for v in values)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"attacks.{name} takes whole numbers >= 1, got {getattr(self, name)!r}",
+                                  fields=(name,))
+        if self.utility_prompts < 0:
+            raise ConfigError(f"attacks.utility_prompts must be >= 0, got {self.utility_prompts}")
+        for name in ("direction_kl_budget", "finetune_learning_rate", "probe_z"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"attacks.{name} must be a finite number > 0, got {value!r}", fields=(name,))
+        for name in ("direction_max_layer", "direction_selection_share"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"attacks.{name} is a fraction in (0, 1), got {value!r}", fields=(name,))
+        if self.prefill_openings is not None and not all(isinstance(o, str) and o.strip()
+                                                         for o in self.prefill_openings):
+            raise ConfigError("attacks.prefill_openings must be non-empty strings", fields=("prefill_openings",))
+
+
+__all__ += ["AttackSuiteConfig", "ATTACK_KINDS"]
+
+
 @config_dataclass
 class AttackConfig:
     """Settings of the neuron-pruning attack (``safeneuron attack``).
@@ -538,6 +667,13 @@ class AttackConfig:
 
     model: str | None = None
     """Model under attack: hub id, local directory; None = the embedded default model."""
+    kind: AttackKind = "prune"
+    """The attack: ``prune`` (the neuron-pruning attack below) or one of the attacks of ``attacks``
+    (``transfer``, ``whitebox``, ``best_neuron``, ``probe``, ``direction``, ``prefill``, ``finetune``), each measured
+    against its budget with its utility cost."""
+    attacks: AttackSuiteConfig = field(default_factory=AttackSuiteConfig)
+    """Settings of those attacks (an :class:`AttackSuiteConfig`; TOML ``[attack.attacks]``, flags
+    ``--attacks.<field>``)."""
     neuron_set: Literal["es", "sas", "union", "full"] = "union"
     """Neuron set pruned: ``es``, ``sas`` or ``union`` (the method's FULL set; ``full`` is the same)."""
     mask: str | None = None
@@ -581,6 +717,7 @@ class AttackConfig:
     def validate(self) -> None:
         check_choices(self)
         self.identify.validate()
+        self.attacks.validate()
         for name in ("random_frac", "top_frac"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -658,6 +795,10 @@ class EvalConfig:
     attack_rounds: int = 1
     """Iterative attack: identify, prune, re-identify on the pruned model, for this many rounds (``asr_iterative``;
     1 = the one-shot attack only)."""
+    attacks: AttackSuiteConfig = field(default_factory=AttackSuiteConfig)
+    """The attacks beyond one-shot pruning run on every model (``attacks.kinds``; none by default) and their settings
+    (an :class:`AttackSuiteConfig`; TOML ``[evaluate.attacks]``, flags ``--attacks.<field>``): ``results.json``
+    ``attacks``, one curve of ASR against budget per attack, with n, intervals and utility cost."""
     sweep: list[float] | None = field(default_factory=lambda: list(DEFAULT_SWEEP))
     """Fractions of all neurons pruned (top by ``sweep_score``) for the robustness curve (default 0, 0.1, 0.25, 0.5,
     1, 2 %; config.SWEEP_FRACTIONS adds 5 %); empty list to skip."""
@@ -722,6 +863,7 @@ class EvalConfig:
             self.lm_eval_tasks = None
         check_choices(self)
         self.identify.validate()
+        self.attacks.validate()
         for name in ("n_harmful", "n_harmless", "n_xstest", "n_template_prompts", "n_sweep_prompts", "n_mc", "n_ppl",
                      "n_redteam"):
             if getattr(self, name) < 0:

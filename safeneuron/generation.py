@@ -105,6 +105,7 @@ def generate(
     cache: str | Path | None = None,
     tag: str = "",
     progress: bool = True,
+    answer_prefix: str = "",
 ) -> list[str]:
     """Generate one response per prompt (the user turn), in input order.
 
@@ -120,6 +121,8 @@ def generate(
             per line, plus ``image_sha256`` for image+text prompts, flushed after every
             batch); a killed run resumes from it.
         tag: extra text in the cache key, e.g. the model and the attack applied to it.
+        answer_prefix: the answer's forced opening (a prefill attack), put after the generation prompt;
+            the response is the continuation only (part of the cache key).
     Returns:
         The decoded responses (special tokens removed, stripped).
     """
@@ -128,8 +131,10 @@ def generate(
     if image_text and cache is None:  # no cache: no pixels hashed, every prompt generated
         keys, image_hashes = [str(i) for i in range(len(prompts))], [""] * len(prompts)
     else:
-        keys, image_hashes = _cache_keys(prompts, [tag, max_new_tokens, do_sample, temperature, top_p, seed],
-                                         max_length, image_text)
+        key_settings = [tag, max_new_tokens, do_sample, temperature, top_p, seed]
+        if answer_prefix:  # keys without a prefix are those of earlier versions
+            key_settings.append({"answer_prefix": answer_prefix})
+        keys, image_hashes = _cache_keys(prompts, key_settings, max_length, image_text)
     done = read_cache(cache) if cache else {}
     todo_keys = list(dict.fromkeys(k for k in keys if k not in done))  # duplicates generate once
     first = {k: i for i, k in reversed(list(enumerate(keys)))}
@@ -141,13 +146,13 @@ def generate(
         _generate_into(results, model, processing, prompts, todo, keys, image_hashes,
                        dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p),
                        batch_size=batch_size, max_length=max_length, seed=seed, cache=cache, tag=tag,
-                       progress=progress)
+                       progress=progress, answer_prefix=answer_prefix)
     return [results[k] for k in keys]
 
 
 def _generate_into(results: dict, model: nn.Module, processing, prompts: Sequence, todo: list[int], keys: list[str],
                    image_hashes: list[str], decoding: dict, *, batch_size: int, max_length: int, seed: int,
-                   cache, tag: str, progress: bool) -> None:
+                   cache, tag: str, progress: bool, answer_prefix: str = "") -> None:
     """Generate the ``todo`` prompts batch by batch into ``results`` (key -> response), appending to the cache."""
     tokenizer = tokenizer_of(processing)
     gen_config = generation_config(model, tokenizer, **decoding)
@@ -156,7 +161,7 @@ def _generate_into(results: dict, model: nn.Module, processing, prompts: Sequenc
     model.eval()
     try:
         batches = prompt_batches(processing, [prompts[i] for i in todo], batch_size, max_length=max_length,
-                                 model=model)
+                                 model=model, answer_prefix=answer_prefix)
         bar = tqdm(total=len(todo), desc="generating", unit="prompt", disable=not progress)
         for b, batch in enumerate(batches):
             if decoding["do_sample"]:
@@ -171,6 +176,8 @@ def _generate_into(results: dict, model: nn.Module, processing, prompts: Sequenc
                     record = {"key": keys[i], "prompt": getattr(prompts[i], "text", prompts[i])}
                     if image_hashes[i]:
                         record["image_sha256"] = image_hashes[i]
+                    if answer_prefix:
+                        record["answer_prefix"] = answer_prefix
                     cache_fh.write(json.dumps({**record, "tag": tag, "response": text.strip()}) + "\n")
             if cache_fh:
                 cache_fh.flush()

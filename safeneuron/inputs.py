@@ -80,6 +80,7 @@ def prompt_batches(
     model: nn.Module | None = None,
     skip: int = 0,
     spans: bool = False,
+    answer_prefix: str = "",
 ) -> Iterator[Batch]:
     """Batches of text or image+text prompts (see the module docstring), ``skip`` batches left out.
 
@@ -90,13 +91,17 @@ def prompt_batches(
         model: inputs go to its device (and floating inputs, pixels, to its dtype).
         skip: leave out the first ``skip`` batches of the deterministic order (resume).
         spans: also give text batches their ``content`` and ``post`` token masks (:attr:`Batch.spans`).
+        answer_prefix: text the assistant's answer begins with, put after the generation prompt (a prefill
+            attack); the batch then ends inside the answer.
     """
     prompts = list(prompts)
     if is_image_text(prompts):
-        yield from image_text_batches(processing, prompts, batch_size, model=model, skip=skip)
+        yield from image_text_batches(processing, prompts, batch_size, model=model, skip=skip,
+                                      answer_prefix=answer_prefix)
         return
     device = model_device(model) if model is not None else "cpu"
-    yield from iter_batches(tokenizer_of(processing), prompts, batch_size, max_length, device, spans=spans)[skip:]
+    yield from iter_batches(tokenizer_of(processing), prompts, batch_size, max_length, device, spans=spans,
+                            answer_prefix=answer_prefix)[skip:]
 
 
 def iter_batches(
@@ -107,15 +112,17 @@ def iter_batches(
     device: torch.device | str = "cpu",
     *,
     spans: bool = False,
+    answer_prefix: str = "",
 ) -> list[Batch]:
     """Render, tokenise and batch text prompts, grouped by length to minimise padding.
 
     Batches are left-padded; the order is deterministic (longest first).
     Prompts longer than ``max_length`` tokens are truncated from the left, with a warning.
     With ``spans`` (and a fast tokenizer) each batch gets its ``content`` and ``post`` token masks.
+    ``answer_prefix`` follows every generation prompt (the answer's forced opening).
     """
     _prepare_tokenizer(tokenizer)
-    texts = render_chat(tokenizer, prompts)
+    texts = render_chat(tokenizer, prompts, [answer_prefix] * len(prompts) if answer_prefix else None)
     special = not bool(getattr(tokenizer, "chat_template", None))
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
     too_long = sum(n > max_length for n in lengths)
@@ -197,17 +204,20 @@ def image_text_batches(
     *,
     model: nn.Module | None = None,
     skip: int = 0,
+    answer_prefix: str = "",
 ) -> Iterator[Batch]:
     """Process image+text prompts in input order, ``batch_size`` at a time, left-padded.
 
     ``inputs`` hold what the processor returns (``input_ids``, ``attention_mask``,
-    ``pixel_values``, ...), on the model's device and dtype when ``model`` is given.
+    ``pixel_values``, ...), on the model's device and dtype when ``model`` is given;
+    ``answer_prefix`` follows every generation prompt.
     """
     _prepare_tokenizer(tokenizer_of(processor))
     for start in range(skip * batch_size, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         chunk = [prompts[i] for i in idx]
-        enc = processor(text=render_image_text_chat(processor, chunk), images=[[p.load_image()] for p in chunk],
+        texts = [t + answer_prefix for t in render_image_text_chat(processor, chunk)]
+        enc = processor(text=texts, images=[[p.load_image()] for p in chunk],
                         padding=True, return_tensors="pt")
         inputs = dict(enc)
         yield Batch(idx, _to_model(inputs, model) if model is not None else inputs)

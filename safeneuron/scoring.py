@@ -29,6 +29,7 @@ from safeneuron.activations import NeuronStats
 
 __all__ = [
     "NeuronScores",
+    "mlp_probe_attribution",
     "score_neurons",
     "effect_size",
     "t_statistic",
@@ -206,3 +207,48 @@ def neurostrike_select(weights: torch.Tensor, z_threshold: float = 3.0) -> torch
     std = w.std(unbiased=False)
     z = (w - w.mean()) / std if std > 0 else torch.zeros_like(w)
     return (z.abs() > z_threshold) & (w > 0)
+
+
+def mlp_probe_attribution(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    hidden: int = 64,
+    epochs: int = 300,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-3,
+    seed: int = 1234,
+) -> tuple[torch.Tensor, float]:
+    """A 2-layer MLP safety probe on one layer's pooled neuron activations, and each neuron's attribution.
+
+    The features are standardised; the probe (d -> ``hidden`` -> 1, ReLU) is trained full batch with Adam on
+    binary cross-entropy. A neuron's attribution is its mean gradient x input (standardised units) over the
+    harmful prompts: positive = its activation pushes the probe towards "harmful".
+
+    Args:
+        x: pooled activations [n, d].
+        labels: [n], 1 for harmful and 0 for harmless.
+    Returns:
+        ``(attribution [d], training accuracy)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    keep = ~torch.isnan(x).any(1)
+    x, labels = x[keep].float(), labels[keep].float()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    torch.manual_seed(seed)
+    probe = torch.nn.Sequential(torch.nn.Linear(z.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    perm = torch.randperm(z.shape[0], generator=g)
+    zs, ys = z[perm], labels[perm].unsqueeze(1)
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(probe(zs), ys).backward()
+        opt.step()
+    harmful = z[labels > 0.5].clone().requires_grad_(True)
+    probe(harmful).sum().backward()
+    attribution = (harmful.grad * harmful.detach()).mean(0)
+    with torch.no_grad():
+        accuracy = float(((probe(z) > 0).float().squeeze(1) == labels).float().mean())
+    return attribution.detach(), accuracy

@@ -86,6 +86,13 @@ def prefs_summary(report: dict) -> str:
 
 def attack_summary(report: dict) -> str:
     """The attack's ASRs as a text table."""
+    if "profile" in report:  # an attack of the profile (--kind other than prune)
+        from safeneuron.stages.attack_profile import profile_summary
+
+        plain = report["plain"]
+        return "\n".join([f"model {report['model']}, attack: {report['attack']}, judge {report['judge']}",
+                          f"{report['harmful']['n']} harmful prompts from {report['harmful']['source']}; plain ASR "
+                          f"{plain['asr']:.2%}", ""] + profile_summary(report["profile"]))
     lines = [
         f"model {report['model']}, attack: {report['attack']} ({report['attacker']['mode']} attacker, "
         f"{report['attacker']['method']}), judge {report['judge']}",

@@ -97,6 +97,7 @@ def judged_responses(
     cache: str | Path | None = None,
     tag: str = "",
     progress: bool = True,
+    answer_prefix: str = "",
 ) -> Judged:
     """Generate an answer to every prompt (with ``mask``'s neurons pruned, when given)
     and judge it.
@@ -111,6 +112,8 @@ def judged_responses(
             prompt behind a jailbreak template); ``prompts`` by default.
         tag: cache-key text naming the model and the attack; a non-empty ``mask`` adds
             its digest, so differently pruned models never share cached answers.
+        answer_prefix: the answer's forced opening (a prefill attack); the judge sees the continuation only,
+            so the forced words never count as compliance.
     """
     if what not in ("compliant", "refused"):
         raise ValueError(f"what must be 'compliant' or 'refused', got {what!r}")
@@ -121,7 +124,7 @@ def judged_responses(
     processing = processor_of(loaded) if multimodal else loaded.tokenizer  # a VLM's processor batches images
     with prune_neurons(loaded.model, mask) if pruning else contextlib.nullcontext():
         responses = generate(loaded.model, processing, prompts, cache=cache, tag=full_tag, progress=progress,
-                             **settings.kwargs())
+                             answer_prefix=answer_prefix, **settings.kwargs())
     if judge_prompts is None and multimodal:
         judge_prompts = [p.text for p in prompts]
     seen = [str(p) for p in (judge_prompts if judge_prompts is not None else prompts)]

@@ -226,6 +226,8 @@ def run_attack(config: AttackConfig | None = None, out: str | Path = "attack", *
     t_start = time.perf_counter()
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    if config.kind != "prune":
+        return _run_attack_kind(loaded, config, out, progress, t_start)
     sites = find_mlps(loaded.model)
     judge = load_judge(config.judge, device=config.device)
     chosen = _attack_mask(loaded, config, out, progress)
@@ -251,6 +253,55 @@ def run_attack(config: AttackConfig | None = None, out: str | Path = "attack", *
         "n_neurons": sum(s.d_ff for s in sites), "pruned_count": chosen.mask.count(),
         "pruned_per_layer": chosen.mask.per_layer(), "results": results, "harmful_multimodal": harmful_mm,
         "results_multimodal": results_mm, "saved_model": saved, "settings": asdict(config),
+        "wall_time_s": time.perf_counter() - t_start, "versions": versions(), "created": timestamp(),
+    }
+    write_json(out / "attack.json", report)
+    return report
+
+
+def _run_attack_kind(loaded, config: AttackConfig, out: Path, progress: bool, t_start: float) -> dict:
+    """``--kind`` other than ``prune``: the attack's plan along its budget, measured with its utility cost
+    beside the plain ASR on the same prompts; ``--save`` writes a direction attack's edited weights."""
+    from safeneuron.stages.attack_direction import save_orthogonalized
+    from safeneuron.stages.attack_profile import PLANNERS
+    from safeneuron.stages.conditions import AttackContext, NotApplicable, measure_plan
+
+    if config.save and config.kind != "direction":
+        raise AttackError(f"--save writes a pruned or direction-ablated model; the {config.kind} attack has none",
+                          fields=("save",))
+    if config.save and Path(config.save).exists() and any(Path(config.save).iterdir()):
+        raise AttackError(f"{config.save} exists and is not empty; choose another save directory or remove it",
+                          fields=("save",))
+    judge = load_judge(config.judge, device=config.device)
+    id_config = attacker_config(loaded, config.identify, seed=config.seed, batch_size=config.batch_size)
+    id_harmful, id_harmless = attacker_prompts(id_config)
+    prompts = load_eval_prompts(config.eval_harmful, default="harmful", n=config.limit, seed=config.seed,
+                                exclude=id_harmful.prompts + id_harmless.prompts)
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed)
+    ctx = AttackContext(loaded, config.attacks, judge, settings, model_tag(loaded), out, id_config, id_harmful,
+                        id_harmless, exclude=prompts.prompts, progress=progress,
+                        identify=lambda: attacker_identification(loaded, id_config, out / "identify", progress=progress))
+    plain = judged_responses(loaded, prompts.prompts, judge, settings=settings, cache=out / "generations" / "plain.jsonl",
+                             tag=ctx.tag, progress=progress)
+    rate = Rate(plain.k, plain.n)
+    try:
+        plan = PLANNERS[config.kind](ctx)
+    except NotApplicable as why:
+        raise AttackError(f"the {config.kind} attack does not apply to {loaded.name}: {why}") from None
+    plan_s = time.perf_counter() - t_start
+    result = measure_plan(ctx, plan, prompts.prompts, out / "generations" / f"{config.kind}.jsonl")
+    result["plan_s"] = round(plan_s, 2)
+    saved = None
+    if config.save:
+        first = plan.conditions[0]
+        saved = str(save_orthogonalized(loaded, first.payload, config.save,
+                                        metadata={"attack": "direction", "rank": first.budget}))
+    report = {
+        "model": loaded.name, "path": loaded.path, "attack": config.kind, "judge": judge.name,
+        "harmful": {"source": prompts.source, "n": len(prompts), "sha256": prompts.sha256},
+        "plain": {"asr": rate.value, "ci95": list(rate.ci95) if rate.ci95 else None, "k": rate.k, "n": rate.n,
+                  "verdicts": plain.verdict_counts(), "outcomes": [int(f) for f in plain.flags]},
+        "profile": result, "saved_model": saved, "settings": asdict(config),
         "wall_time_s": time.perf_counter() - t_start, "versions": versions(), "created": timestamp(),
     }
     write_json(out / "attack.json", report)

@@ -151,6 +151,7 @@ def evaluate_model(
     name: str | None = None,
     judge: Judge | None = None,
     progress: bool = True,
+    transfer_source: str | None = None,
 ) -> dict:
     """Run every enabled measurement on one loaded model; returns its results entry.
 
@@ -160,6 +161,8 @@ def evaluate_model(
             the attacker's identification in ``out/attack/<name>/``).
         name: the model's name in the results (default: ``loaded.name``).
         judge: the ASR judge (default: ``config.judge`` loaded here).
+        transfer_source: the sets the ``transfer`` attack prunes (another model's attacker identification;
+            ``attacks.transfer_mask`` wins).
     """
     config = config or EvalConfig()
     config.validate()
@@ -197,6 +200,8 @@ def evaluate_model(
     entry.update(_multimodal_measurements(m, harmful, masks))
     entry.update(_capability(m, id_harmless))
     entry.update(_redteam(m))
+    entry["attacks"] = _attack_profile(m, harmful, id_config, id_harmful, id_harmless, identification,
+                                       out / "attack" / slug, transfer_source)
 
     entry["judges"] = {"asr": judge.name, "templates": judge.name, "over_refusal": m.refusal_judge.name,
                        "redteam": m.refusal_judge.name}
@@ -256,6 +261,25 @@ def _asr_and_attack(m: _Measure, harmful, id_config, id_harmful, id_harmless, id
             part.update(_iterative_attack(m, harmful, id_config, identify_dir.parent / "iterative", judged))
     part.update(_second_opinion(judged))
     return part, identification, masks
+
+
+def _attack_profile(m: _Measure, harmful, id_config, id_harmful, id_harmless, identification, attack_dir: Path,
+                    transfer_source: str | None) -> dict | None:
+    """The attacks of ``attacks.kinds`` on this model, each along its budget with its utility cost (None when no
+    kind is asked for). The attacker's identification is the pruning attack's (made here when that is off)."""
+    kinds = m.config.attacks.kinds
+    if not kinds:
+        return None
+    from safeneuron.stages.attack_profile import attack_profile
+    from safeneuron.stages.conditions import AttackContext
+
+    ctx = AttackContext(m.loaded, m.config.attacks, m.judge, m.settings, m.tag, attack_dir, id_config, id_harmful,
+                        id_harmless, exclude=list(harmful.prompts), transfer_source=transfer_source, progress=m.progress,
+                        identify=lambda: attacker_identification(m.loaded, id_config, attack_dir / "identify",
+                                                                 progress=m.progress))
+    ctx._identification = identification if not m.config.mask else None
+    with m.timed("attacks_s"):
+        return attack_profile(ctx, kinds, list(harmful.prompts), m.gen_dir / "attacks")
 
 
 def _random_control(m: _Measure, harmful, full: SafetyNeuronMask, judged: dict) -> dict:
@@ -504,7 +528,10 @@ def evaluate_models(
             name += "'"
         seen.add(name)
         logger.info("evaluating %s", name)
-        entry = evaluate_model(loaded, config, out, name=name, judge=judge, progress=progress)
+        first = results["models"][0]["name"] if results["models"] else None
+        source = str(out / "attack" / model_slug(first) / "identify") if first is not None else None
+        entry = evaluate_model(loaded, config, out, name=name, judge=judge, progress=progress,
+                               transfer_source=source)
         results["models"].append(entry)
         results["wall_time_s"] = round(time.perf_counter() - t_start, 2)
         results["created"] = timestamp()
@@ -534,6 +561,18 @@ def paired_tests(models: Sequence[Mapping]) -> list[dict]:
                             "only_a": sum(p and not q for p, q in zip(x, y)),
                             "only_b": sum(q and not p for p, q in zip(x, y)),
                             "mcnemar_p": mcnemar_exact(x, y), "detectable_difference": detectable_difference(len(x))})
+            for kind, res_a in (a.get("attacks") or {}).items():  # the attack profile, point by point
+                res_b = (b.get("attacks") or {}).get(kind) or {}
+                for label, x in (res_a.get("outcomes") or {}).items():
+                    y = (res_b.get("outcomes") or {}).get(label)
+                    if y is None or len(x) != len(y) or not x:
+                        continue
+                    out.append({"a": a["name"], "b": b["name"], "measurement": f"{kind}: {label}", "n": len(x),
+                                "asr_a": sum(x) / len(x), "asr_b": sum(y) / len(y),
+                                "only_a": sum(p and not q for p, q in zip(x, y)),
+                                "only_b": sum(q and not p for p, q in zip(x, y)),
+                                "mcnemar_p": mcnemar_exact(x, y),
+                                "detectable_difference": detectable_difference(len(x))})
     return out
 
 
@@ -558,6 +597,7 @@ def results_markdown(results: dict) -> str:
     lines += _curve_table(models)
     lines += _templates_table(models)
     lines += _controls_table(models)
+    lines += _profile_table(models)
     lines += _paired_table(results.get("paired") or [])
     lines.append("")
     return "\n".join(lines)
@@ -582,6 +622,36 @@ def _controls_table(models: list) -> list[str]:
         lines.append(f"| {m['name']} | {_pct(m.get('asr_random_control'), m.get('asr_random_control_ci95'))} | {rounds} | "
                      f"{_pct(second.get('ori'))} / {_pct(second.get('full'))} | {_pct(agree.get('ori'))} / "
                      f"{_pct(agree.get('full'))} | {odd('ori')} / {odd('full')} |")
+    return lines
+
+
+def _profile_table(models: list) -> list[str]:
+    """The attack profile: ASR (%) at each budget point of each attack, per model, with the KL it costs."""
+    kinds = list(dict.fromkeys(k for m in models for k in (m.get("attacks") or {})))
+    if not kinds:
+        return []
+    lines = ["", "Attack profile: ASR (%) [95 % interval] at each attack's budget, and the utility it costs (KL of the "
+             "next-token distribution on harmless prompts against the unattacked model, nats).", "",
+             "| attack | budget | " + " | ".join(m["name"] for m in models) + " |", "|---|---|" + "---|" * len(models)]
+    for kind in kinds:
+        labels = list(dict.fromkeys(p["label"] for m in models
+                                    for p in ((m.get("attacks") or {}).get(kind) or {}).get("points", [])))
+        if not labels:
+            reasons = {m["name"]: ((m.get("attacks") or {}).get(kind) or {}).get("skipped") for m in models}
+            lines.append(f"| {kind} | - | " + " | ".join(f"skipped ({r})" if r else "n/a" for r in reasons.values())
+                         + " |")
+            continue
+        for label in labels:
+            cells = []
+            for m in models:
+                res = (m.get("attacks") or {}).get(kind) or {}
+                pt = next((p for p in res.get("points", []) if p["label"] == label), None)
+                if pt is None:
+                    cells.append(f"skipped ({res['skipped']})" if res.get("skipped") else "n/a")
+                    continue
+                kl = "" if pt.get("kl") is None else f", KL {pt['kl']:.3f}"
+                cells.append(f"{_pct(pt['asr'], pt['ci95'])}{kl}")
+            lines.append(f"| {kind} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 

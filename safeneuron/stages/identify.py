@@ -285,6 +285,15 @@ class _Selection:
     verification: dict | None = None
 
 
+def default_position(config: IdentifyConfig, multimodal: bool = False) -> str:
+    """The pooling of an identification that leaves ``position`` unset: the measured default, mean over the
+    post-instruction tokens (benchmarks/bench_pooling.py); a VLM's prompt ends after its image tokens: the last
+    position; NeuroStrike pools max over the prompt."""
+    if config.position is not None:
+        return config.position
+    return "last" if multimodal else "max" if config.method == "neurostrike" else "mean"
+
+
 def _prepare(config: IdentifyConfig, loaded: LoadedModel | None) -> _Run:
     """Load the prompts (image+text for a VLM), then the model; resolve the pooling and the ES threshold."""
     timings: dict[str, float] = {}
@@ -299,9 +308,8 @@ def _prepare(config: IdentifyConfig, loaded: LoadedModel | None) -> _Run:
     if loaded.is_vlm != multimodal:  # the config alone could not tell (e.g. an unreachable hub config)
         multimodal = not multimodal
         harmful, harmless = _load_sets(config, multimodal)
-    if config.position is None:  # measured default: mean over the post-instruction tokens (bench_pooling.py);
-        # a VLM's prompt ends after its image tokens: the last position; NeuroStrike pools max over the prompt
-        config = replace(config, position="last" if multimodal else "max" if config.method == "neurostrike" else "mean")
+    if config.position is None:
+        config = replace(config, position=default_position(config, multimodal))
     if multimodal and config.method == "neurostrike":
         raise ConfigError("method neurostrike records text prompts only; identify a vision-language model "
                           "with method stats", fields=("method",))
