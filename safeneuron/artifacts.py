@@ -177,6 +177,7 @@ class StageDir:
         key_field: the manifest field holding the key.
         remedy: what the message tells the user to do.
         fields: the settings the remedy is about (the CLI adds their flags).
+        legacy_keys: keys an earlier version gave the same run (a finished stage under one is reused).
     """
 
     path: Path
@@ -187,6 +188,10 @@ class StageDir:
     key_field: str = "run_key"
     remedy: str = "overwrite it or choose another output directory"
     fields: tuple[str, ...] = ("overwrite", "out")
+    legacy_keys: tuple[str, ...] = ()
+
+    def _ours(self, key: str | None) -> bool:
+        return key == self.run_key or (key is not None and key in self.legacy_keys)
 
     def _key_of(self, file: Path) -> str | None:
         try:
@@ -198,15 +203,15 @@ class StageDir:
     def complete(self) -> bool:
         """The manifest exists and holds this run's key."""
         file = self.path / self.manifest
-        return file.is_file() and self._key_of(file) == self.run_key
+        return file.is_file() and self._ours(self._key_of(file))
 
     def foreign(self, patterns: Iterable[str] = ()) -> list[Path]:
         """The manifest (also when unreadable) and the files matching ``patterns`` (globs; unreadable ones are
         skipped) that hold another run's key."""
         manifest = self.path / self.manifest
-        out = [manifest] if manifest.is_file() and self._key_of(manifest) != self.run_key else []
+        out = [manifest] if manifest.is_file() and not self._ours(self._key_of(manifest)) else []
         files = (f for pat in patterns for f in sorted(self.path.glob(pat)))
-        return out + [f for f in files if f.is_file() and self._key_of(f) not in (None, self.run_key)]
+        return out + [f for f in files if f.is_file() and self._key_of(f) is not None and not self._ours(self._key_of(f))]
 
     def claim(self, overwrite: bool = False, *, patterns: Iterable[str] = (), remove: Iterable[str] = (),
               sync: Callable[[], None] = lambda: None, main: bool = True) -> None:

@@ -965,6 +965,7 @@ __all__ += ["AnalyzeConfig"]
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 QUICK_CONFIG = CONFIG_DIR / "quick.toml"
+LONG_CONFIG = CONFIG_DIR / "long.toml"
 STAGES = ("identify", "prefs", "align", "evaluate", "analyze", "report")
 
 #: The main job's budget for this 2-core CPU and the embedded 0.5B model (the values
@@ -996,6 +997,10 @@ MAIN_JOB: dict[str, dict[str, Any]] = {
 #: ``prefs --quick`` apply their section to the fields left at their defaults.
 QUICK: dict[str, dict[str, Any]] = load_config_file(QUICK_CONFIG)
 
+#: What ``--long`` sets on top of the config file (``configs/long.toml``): every attack of the attack profile at
+#: every budget, a 5-round iterative attack and a larger evaluation.
+LONG: dict[str, dict[str, Any]] = load_config_file(LONG_CONFIG)
+
 
 def stage_classes() -> dict[str, type]:
     """Stage section name -> its config dataclass."""
@@ -1013,6 +1018,9 @@ class RunConfig:
     """Run directory."""
     quick: bool = False
     """Fewer prompts, pairs and steps (same model) for a first look; labelled as such in the report."""
+    long: bool = False
+    """The long profile (``configs/long.toml``): every attack at every budget, a 5-round iterative attack, a larger
+    evaluation."""
     modes: list[AlignMode] = field(default_factory=lambda: ["safeneuron", "dpo"])
     """Alignment modes to train and compare (``safeneuron``, ``dpo``, ``sn-tune``)."""
     attacker_settings: Literal["defender", "own"] = "defender"
@@ -1038,6 +1046,8 @@ class RunConfig:
 
     def validate(self) -> None:
         check_choices(self)
+        if self.quick and self.long:
+            raise ConfigError("quick and long are opposite profiles; choose one", fields=("quick", "long"))
         for mode in self.modes:
             if mode not in ALIGN_MODES:
                 raise ConfigError(f"modes: unknown mode {mode!r}; choose from {', '.join(ALIGN_MODES)}")
@@ -1050,12 +1060,31 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {k: v for k, v in (("model", self.model), ("seed", self.seed),
                                                     ("dtype", self.dtype), ("device", self.device)) if k in names}
-        layers = [getattr(self, stage)] + ([QUICK.get(stage, {})] if self.quick else [])
+        layers = [getattr(self, stage)] + ([QUICK.get(stage, {})] if self.quick else []) \
+            + ([LONG.get(stage, {})] if self.long else [])
         for layer in layers:  # each layer's old keys go to their fields first, then nested tables merge
             for key, value in _route_aliases(cls, layer, f"[{stage}]").items():
                 values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
                     else value
         return from_dict(cls, values, where=f"[{stage}]")
+
+
+def merge_run_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` layered on ``base`` (run-config dicts): stage sections and their nested tables merged key by key,
+    each section's old keys routed to their fields first (so ``identify_prompts`` over ``[evaluate.identify]
+    max_prompts`` replaces it)."""
+    def merge(a, b):
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    classes = stage_classes()
+    routed = {}
+    for data in (base, over):
+        routed[id(data)] = {k: _route_aliases(classes[k], v, f"[{k}]") if k in classes and isinstance(v, dict) else v
+                            for k, v in (data or {}).items()}
+    return merge(routed[id(base)], routed[id(over)])
 
 
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
@@ -1066,5 +1095,5 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     return config
 
 
-__all__ += ["RunConfig", "load_run_config", "stage_classes", "STAGES", "DEFAULT_CONFIG", "QUICK_CONFIG", "MAIN_JOB",
-            "QUICK"]
+__all__ += ["RunConfig", "load_run_config", "merge_run_settings", "stage_classes", "STAGES", "DEFAULT_CONFIG", "QUICK_CONFIG", "MAIN_JOB",
+            "QUICK", "LONG", "LONG_CONFIG"]

@@ -155,7 +155,7 @@ def _start(config: RunConfig, stages: tuple[str, ...], progress: bool) -> _Job:
                      remedy="choose another output directory or delete it to start over", fields=("out",))
     stage.claim()
     record = read_json(stage.path / "run.json") if (stage.path / "run.json").exists() else {}
-    record.update({"settings_hash": stage.run_key, "settings": asdict(config), "quick": config.quick,
+    record.update({"settings_hash": stage.run_key, "settings": asdict(config), "quick": config.quick, "long": config.long,
                    "versions": versions()})
     record.setdefault("stages", {})
     record["started"] = timestamp()

@@ -274,3 +274,10 @@ def test_evaluate_carries_the_attack_profile_with_paired_tests(tmp_path):
     assert {"prefill: attempts 1", "prefill: attempts 2"} <= paired
     md = (tmp_path / "eval" / "results.md").read_text()
     assert "Attack profile" in md and "| prefill | attempts 2 |" in md
+    # the report's attack-profile figure: one visible panel per attack measured on some model
+    from safeneuron.report.figures import plot_attack_profile
+    fig = plot_attack_profile(results)
+    visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert sorted(ax.get_title() for ax in visible) == ["prefill", "transfer"]
+    prefill_ax = next(ax for ax in visible if ax.get_title() == "prefill")
+    assert len(prefill_ax.get_lines()) >= 2  # a line per model (and the plain-ASR lines)

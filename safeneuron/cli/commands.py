@@ -120,9 +120,28 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from safeneuron.pipeline import load_run_config, run
 
-    config = load_run_config(args.config, out=args.out, quick=True if args.quick else None, model=args.model)
+    config = load_run_config(args.config, out=args.out, quick=True if args.quick else None,
+                             long=True if args.long else None, model=args.model)
     run(config, stages=tuple(args.stages.split(",")) if args.stages else STAGES, progress=not args.no_progress)
     print(run_summary(Path(config.out)))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from safeneuron.sweep import load_sweep, sweep, sweep_markdown
+
+    config = load_sweep(args.config, seeds=[int(s) for s in args.seeds] if args.seeds else None)
+    if args.arms:
+        wanted = args.arms.split(",")
+        missing = [a for a in wanted if a not in config.arms]
+        if missing:
+            from safeneuron.config import ConfigError
+            raise ConfigError(f"--arms: {missing[0]!r} is not an arm of {args.config} ({', '.join(config.arms)})",
+                              fields=("arms",))
+        config.arms = {a: config.arms[a] for a in wanted}
+    summary = sweep(config, args.out, progress=not args.no_progress)
+    print(sweep_markdown(summary))
+    print(f"sweep: {(Path(args.out) / 'sweep.json').resolve()}")
     return 0
 
 
@@ -174,7 +193,16 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run directory (default from the config: runs/main)")
     p.add_argument("--model", default=None, help="model to align (default: the embedded default)")
     p.add_argument("--quick", action="store_true", help="quick profile: a first look in a few minutes")
+    p.add_argument("--long", action="store_true", help="long profile (configs/long.toml): every attack at every "
+                                                       "budget, a 5-round iterative attack, a larger evaluation")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+
+
+def _sweep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML/YAML grid: [base] settings, [arms.<name>] overrides, seeds")
+    p.add_argument("--out", default="runs/sweep", help="sweep directory (default: runs/sweep)")
+    p.add_argument("--arms", default=None, help="comma-separated subset of the grid's arms")
+    p.add_argument("--seeds", nargs="+", default=None, help="training seeds per arm (replaces the grid's)")
 
 
 def _report_flags(p: argparse.ArgumentParser) -> None:
@@ -218,6 +246,8 @@ COMMANDS: tuple[Command, ...] = (
             _report_flags, progress=False),
     Command("run", "the main job: identify, prefs, align (safeneuron + DPO), evaluate, analyze, report", cmd_run,
             None, _run_flags),
+    Command("sweep", "the experiment harness: named arms of the main job on the same prompts, one table", cmd_sweep,
+            None, _sweep_flags),
     Command("models", "list or pull the embedded models", cmd_models, None, _models_flags, progress=False),
 )
 

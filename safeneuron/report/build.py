@@ -418,6 +418,34 @@ def _section_robustness(art: RunArtifacts) -> Section | None:
     return Section("robustness", "Robustness to neuron pruning", "\n".join(parts), md)
 
 
+def _section_attacks(art: RunArtifacts) -> Section | None:
+    """The attack profile: every attack of ``[evaluate.attacks]`` against its budget, per model."""
+    if art.results is None:
+        return None
+    results = read_json(art.results)
+    models = results.get("models", [])
+    if not any(m.get("attacks") for m in models):
+        return None
+    html = _img(figures.plot_attack_profile(results),
+                "Each panel is one attack, its budget on the x axis (neurons pruned, direction rank, prefill "
+                "attempts, fine-tuning examples and epochs); 95% intervals as bars; dotted lines: each model's plain "
+                "ASR. The table gives the utility each attack costs (KL of the harmless next-token distribution "
+                "against the unattacked model, in nats; perplexity on harmless text).")
+    rows = []
+    for m in models:
+        for kind, res in (m.get("attacks") or {}).items():
+            if res.get("skipped"):
+                rows.append((m["name"], kind, "skipped", res["skipped"], "–", "–"))
+                continue
+            for p in res.get("points", []):
+                kl = "–" if p.get("kl") is None else f"{p['kl']:.3f}"
+                ppl = "–" if p.get("perplexity") is None else f"{p['perplexity']:.2f}"
+                rows.append((m["name"], kind, p["label"], f"{_pct(p['asr'])} (n={p['n']})", kl, ppl))
+    md = _md_table(["model", "attack", "budget", "ASR", "KL (nats)", "perplexity"], rows)
+    return Section("attacks", "Attack profile", html + _html_table(["model", "attack", "budget", "ASR", "KL (nats)",
+                                                                   "perplexity"], rows, text_cols=3), md)
+
+
 def _section_capability(art: RunArtifacts) -> Section | None:
     if art.results is None:
         return None
@@ -598,6 +626,7 @@ SECTIONS: tuple[tuple[str, Callable[[RunArtifacts], Section | None]], ...] = (
     ("comparison", _section_comparison),
     ("multimodal", _section_multimodal),
     ("robustness", _section_robustness),
+    ("attacks", _section_attacks),
     ("capability", _section_capability),
     ("neurons", _section_neurons),
     ("categories", _section_categories),

@@ -317,6 +317,86 @@ def plot_robustness(results: Mapping) -> Figure:
     return fig
 
 
+@_styled
+def plot_attack_profile(results: Mapping) -> Figure:
+    """The attack profile: one panel per attack (ASR against its budget, 95 % intervals as bars), one line per
+    model, from ``results.json`` ``attacks``; each model's plain ASR as a dotted line of its colour."""
+    models = results.get("models", [])
+    kinds = list(dict.fromkeys(k for m in models for k, r in (m.get("attacks") or {}).items() if r.get("points")))
+    if not kinds:
+        fig, axes = _figure(6.8, 3.0)
+        _no_data(axes[0, 0], "no attack profile in results.json")
+        return fig
+    ncols = min(3, len(kinds))
+    nrows = -(-len(kinds) // ncols)
+    fig, axes = _figure(3.0 * ncols + 0.6, 2.7 * nrows + 0.8, ncols=ncols, nrows=nrows)
+    for idx, kind in enumerate(kinds):
+        ax = axes[idx // ncols, idx % ncols]
+        labels: list[str] = []
+        for i, m in enumerate(models):
+            res = (m.get("attacks") or {}).get(kind) or {}
+            pts = res.get("points") or []
+            if not pts:
+                continue
+            for p in pts:
+                if p["label"] not in labels:
+                    labels.append(p["label"])
+            x = [labels.index(p["label"]) for p in pts]
+            y = [100 * p["asr"] for p in pts]
+            err = [[100 * (p["asr"] - p["ci95"][0]) if p.get("ci95") else 0 for p in pts],
+                   [100 * (p["ci95"][1] - p["asr"]) if p.get("ci95") else 0 for p in pts]]
+            color = model_color(m["name"], i)
+            ax.errorbar(x, y, yerr=err, fmt="o-", color=color, capsize=2, label=m["name"])
+            plain = (m.get("asr") or {}).get("ori")
+            if plain is not None:
+                ax.axhline(100 * plain, color=color, linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([lab.replace(", ", "\n") for lab in labels], fontsize=7)
+        ax.set_ylim(-3, 103)
+        ax.set_title(kind.replace("_", " "), fontsize=9)
+        ax.set_ylabel("ASR (%)" if idx % ncols == 0 else "")
+    for idx in range(len(kinds), nrows * ncols):
+        axes[idx // ncols, idx % ncols].set_visible(False)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=max(1, len(names)))
+    fig.suptitle("Attack profile: ASR against each attack's budget (dotted: plain ASR; lower is safer)", fontsize=10)
+    return fig
+
+
+@_styled
+def plot_sweep(summary: Mapping) -> Figure:
+    """The sweep's arms side by side (``sweep.json`` rows): plain, FULL-pruned and iterative ASR with 95 %
+    intervals where known, and over-refusal, one group of markers per arm and seed."""
+    rows = summary.get("rows", [])
+    fig, axes = _figure(max(6.8, 0.9 * len(rows) + 2.5), 4.2)
+    ax = axes[0, 0]
+    if not rows:
+        _no_data(ax, "no finished arm")
+        return fig
+    series = (("asr", "asr_ci95", "plain ASR", "o"), ("asr_full", "asr_full_ci95", "FULL-pruned ASR", "s"),
+              ("asr_iterative", None, "iterative ASR", "^"), ("over_refusal", None, "over-refusal", "x"))
+    for j, (key, ci_key, label, marker) in enumerate(series):
+        xs, ys, lo, hi = [], [], [], []
+        for i, r in enumerate(rows):
+            if r.get(key) is None:
+                continue
+            xs.append(i + (j - 1.5) * 0.15)
+            ys.append(100 * r[key])
+            ci = r.get(ci_key) if ci_key else None
+            lo.append(100 * (r[key] - ci[0]) if ci else 0)
+            hi.append(100 * (ci[1] - r[key]) if ci else 0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=2, label=label)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['arm']}\n{r['model']} s{r['seed']}" if r["arm"] != "base" else "base" for r in rows],
+                       fontsize=7)
+    ax.set_ylim(-3, 103)
+    ax.set_ylabel("rate (%)")
+    ax.set_title("Sweep: arms on the same held-out prompts (lower ASR is safer)")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4)
+    return fig
+
+
 _ASR_COLUMNS = (("ori", "original\n(no pruning)"), ("es", "ES set\npruned"), ("sas", "SAS set\npruned"),
                 ("full", "union (FULL)\npruned"))
 

@@ -284,11 +284,12 @@ def _run_attack_kind(loaded, config: AttackConfig, out: Path, progress: bool, t_
     plain = judged_responses(loaded, prompts.prompts, judge, settings=settings, cache=out / "generations" / "plain.jsonl",
                              tag=ctx.tag, progress=progress)
     rate = Rate(plain.k, plain.n)
+    t_plan = time.perf_counter()
     try:
         plan = PLANNERS[config.kind](ctx)
     except NotApplicable as why:
         raise AttackError(f"the {config.kind} attack does not apply to {loaded.name}: {why}") from None
-    plan_s = time.perf_counter() - t_start
+    plan_s = time.perf_counter() - t_plan
     result = measure_plan(ctx, plan, prompts.prompts, out / "generations" / f"{config.kind}.jsonl")
     result["plan_s"] = round(plan_s, 2)
     saved = None

@@ -210,8 +210,24 @@ def _load_sets(config: IdentifyConfig, multimodal: bool = False
     return harmful, harmless
 
 
-def _run_key(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None) -> str:
+def _run_key(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None,
+             verify_sha: str = "") -> str:
+    """What the artifacts depend on: the settings (prompt files by their content, never their paths), the
+    prompts, the causal check's held-out prompts and the weights."""
+    settings = settings_hash(config, _NOT_RESULT + ("harmful", "harmless", "verify_harmful"))
+    return sha256_text(settings, harmful.sha256, harmless.sha256, verify_sha, str(whash))[:16]
+
+
+def _legacy_run_key(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None) -> str:
+    """The key earlier versions gave the same run (it hashed the prompt files' paths too): their finished
+    identifications are reused."""
     return sha256_text(settings_hash(config, _NOT_RESULT), harmful.sha256, harmless.sha256, str(whash))[:16]
+
+
+def _verify_prompts(config: IdentifyConfig, harmful: PromptSet):
+    """The causal check's held-out harmful prompts: never one identification used."""
+    return load_eval_prompts(config.verify_harmful or config.harmful, default="harmful", n=config.verify_prompts,
+                             seed=config.seed, exclude=harmful.prompts)
 
 
 def identify(
@@ -232,8 +248,10 @@ def identify(
     config.validate()
     t_start = time.perf_counter()
     run = _prepare(config, loaded)  # prompts first: a bad prompt file fails before a model is loaded
-    stage = StageDir(Path(out), "identify.json", _run_key(run.config, run.harmful, run.harmless, run.whash),
-                     "an identification", OutputDirError)
+    verify_sha = _verify_prompts(run.config, run.harmful).sha256 if run.config.verify else ""
+    stage = StageDir(Path(out), "identify.json", _run_key(run.config, run.harmful, run.harmless, run.whash, verify_sha),
+                     "an identification", OutputDirError,
+                     legacy_keys=(_legacy_run_key(run.config, run.harmful, run.harmless, run.whash),))
     if stage.complete() and not overwrite:
         logger.info("%s: identification already complete; reusing it", stage.path)
         return Identification.load(stage.path)
@@ -364,8 +382,7 @@ def _verify(run: _Run, stage: StageDir, union: SafetyNeuronMask, progress: bool)
     neurons per layer pruned (answers cached in ``out/verify/``, so a killed check resumes)."""
     config = run.config
     t0 = time.perf_counter()
-    held_out = load_eval_prompts(config.verify_harmful or config.harmful, default="harmful",
-                                 n=config.verify_prompts, seed=config.seed, exclude=run.harmful.prompts)
+    held_out = _verify_prompts(config, run.harmful)
     judge = RefusalJudge()
     settings = GenerationSettings(max_new_tokens=config.verify_max_new_tokens, batch_size=max(32, config.batch_size),
                                   seed=config.seed)
