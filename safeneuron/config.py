@@ -324,6 +324,9 @@ class AlignConfig:
     """Neurons frozen in round r: ``new`` (identified on the current model) or ``union`` (with earlier rounds)."""
     freeze_only: bool = False
     """Freeze the safety neurons without ablating them in training forward passes (ablation study)."""
+    ref_ablated: bool = False
+    """The DPO reference is ablated like the policy (the frozen neurons zeroed in its passes too): policy and
+    reference then differ only by what training changed (loss ln 2 at step 0). Default: an intact reference."""
     neuron_set: NeuronSet = "union"
     """Identification set used as the safety neurons: ``es``, ``sas`` or ``union``."""
     mask: str | None = None

@@ -101,6 +101,8 @@ class NeuronFreezer:
         freeze_embeddings / freeze_attention / freeze_layers: also freeze these whole
             modules (``requires_grad = False``; restored by :meth:`remove`).
         adapter_name: the peft adapter being trained.
+        ablate_reference: also zero them in TRL's PEFT reference pass (the adapter-free model), so policy and
+            reference differ only by what training changed (``ref_ablated``).
 
     Use as a context manager or call :meth:`install` / :meth:`remove`.
     """
@@ -116,8 +118,10 @@ class NeuronFreezer:
         freeze_attention: bool = False,
         freeze_layers: Sequence[int] = (),
         adapter_name: str = "default",
+        ablate_reference: bool = False,
     ) -> None:
         self.model = model
+        self.ablate_reference = ablate_reference
         self.base = unwrap_peft(model)
         self.sites: list[MLPSite] = find_mlps(self.base)
         mask.check(self.sites)
@@ -279,8 +283,9 @@ class NeuronFreezer:
         return bool(probe.disable_adapters) or self.adapter_name not in probe.active_adapters
 
     def _training_pass(self, site: MLPSite) -> bool:
-        """Ablate in training forward passes of the policy only (not evaluation, not TRL's reference pass)."""
-        return site.down.training and not self._reference_pass()
+        """Ablate in training forward passes of the policy only (not evaluation; TRL's reference pass only with
+        ``ablate_reference``)."""
+        return site.down.training and (self.ablate_reference or not self._reference_pass())
 
     # ------------------------------------------------------------------ restore and checks
     @torch.no_grad()

@@ -8,6 +8,7 @@ TRL's and peft's configs from an :class:`~safeneuron.config.AlignConfig`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Sequence
 from safeneuron.config import AlignConfig
 from safeneuron.distributed import DistributedFreezeCallback, all_true
 from safeneuron.freezing import NeuronFreezer
+from safeneuron.hooks import zero_neurons
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import pick_device
 
@@ -39,6 +41,8 @@ class SafeNeuronDPOTrainer(DPOTrainer):
             (None: yes, unless ``invert``).
         invert: train only the ``frozen`` neurons instead (SN-Tune).
         freeze_embeddings / freeze_attention / freeze_layers: also freeze whole modules.
+        ablate_reference: the reference is ablated like the policy (``ref_ablated``): the frozen neurons are
+            zeroed in its passes too (a separate reference model, or the adapter-free model under LoRA).
 
     The freezer is installed after TRL has built (and, with ``peft_config``, wrapped)
     the model and before the optimizer exists; it restores the frozen entries after
@@ -57,16 +61,20 @@ class SafeNeuronDPOTrainer(DPOTrainer):
         freeze_embeddings: bool = False,
         freeze_attention: bool = False,
         freeze_layers: Sequence[int] = (),
+        ablate_reference: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.freezer: NeuronFreezer | None = None
+        self._reference_ablation = contextlib.ExitStack()
         if frozen is not None:
             self.freezer = NeuronFreezer(self.model, frozen, ablate=ablate, invert=invert,
                                          freeze_embeddings=freeze_embeddings, freeze_attention=freeze_attention,
-                                         freeze_layers=freeze_layers).install()
+                                         freeze_layers=freeze_layers, ablate_reference=ablate_reference).install()
             self.add_callback(self.freezer.callback())
             self.add_callback(DistributedFreezeCallback(self.freezer))
+            if ablate_reference and getattr(self, "ref_model", None) is not None and frozen.count():
+                self._reference_ablation.enter_context(zero_neurons(self.ref_model, frozen))
 
     def remove_freezing(self) -> dict | None:
         """Remove the hooks; returns the freezer's summary with ``exact`` (frozen entries unchanged).
@@ -74,6 +82,7 @@ class SafeNeuronDPOTrainer(DPOTrainer):
         Under a launch, ``exact`` covers every process (a collective: call it on all of
         them) and ``changed`` lists this process's parameters.
         """
+        self._reference_ablation.close()
         if self.freezer is None:
             return None
         changed = self.freezer.changed()

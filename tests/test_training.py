@@ -257,3 +257,24 @@ def test_warmup_is_whole_steps_of_the_rounds_length_and_full_training_keeps_fp32
     assert short.warmup_steps == 0 and short.get_warmup_steps(8) == 0  # was a ratio: one step at lr 0
     assert training_dtype(AlignConfig()) == "float32"  # full-parameter: fp32 master weights, bf16 autocast on GPU
     assert training_dtype(AlignConfig(lora=True)) == "auto" and training_dtype(AlignConfig(dtype="bfloat16")) == "bfloat16"
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_an_ablated_reference_gives_loss_ln2_at_step_0_and_an_intact_one_does_not(tmp_path, lora):
+    import copy
+    import math
+
+    losses = {}
+    for ablated in (True, False):
+        model = tiny_model("llama")
+        mask = SafetyNeuronMask.random(model, frac=0.9, seed=0)
+        kw = dict(peft_config=lora_config(quick_config(lora=True, lora_r=4))) if lora else \
+            dict(ref_model=copy.deepcopy(model))
+        t = trainer(tmp_path / str(ablated), model, mask, max_steps=1, ablate_reference=ablated, **kw)
+        t.args.learning_rate = 0.0  # step 0's loss, whatever the step does
+        t.beta = 20.0  # a sharp loss: the tiny model's ablation moves log-probs by little
+        t.train()
+        losses[ablated] = next(h["loss"] for h in t.state.log_history if "loss" in h)
+        t.remove_freezing()
+    assert losses[True] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(losses[False] - math.log(2)) > 1e-3

@@ -414,6 +414,7 @@ def _train_round(run: _Run, model: nn.Module, ref: nn.Module | None, frozen: Saf
         freeze_embeddings=config.freeze_embeddings,
         freeze_attention=config.freeze_attention,
         freeze_layers=config.freeze_layers or (),
+        ablate_reference=config.ref_ablated and config.mode == "safeneuron" and not config.freeze_only,
     )
     if not run.progress:
         from transformers.trainer_callback import PrinterCallback
