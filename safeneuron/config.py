@@ -327,6 +327,15 @@ class AlignConfig:
     ref_ablated: bool = False
     """The DPO reference is ablated like the policy (the frozen neurons zeroed in its passes too): policy and
     reference then differ only by what training changed (loss ln 2 at step 0). Default: an intact reference."""
+    stochastic_ablation: float | None = None
+    """Stochastic ablation: each optimizer step zeroes a fresh random share (e.g. 0.5) of the frozen set, so no
+    fixed small set carries refusal; all of it stays frozen. None = the whole set ablated every step."""
+    consistency_weight: float = 0.0
+    """Ablation-consistency term (safeneuron mode): this weight x the mean KL from the intact policy's next-token
+    distribution to the ablated policy's on the chosen answers, added to the DPO loss (0 = off)."""
+    candidate_frac: float | None = None
+    """Freeze (and ablate) the top fraction of all neurons by the identification's ``t`` score (e.g. 0.05) instead
+    of its ES/SAS set: the wider candidate set for stochastic ablation."""
     neuron_set: NeuronSet = "union"
     """Identification set used as the safety neurons: ``es``, ``sas`` or ``union``."""
     mask: str | None = None
@@ -415,6 +424,17 @@ class AlignConfig:
         if self.mode != "safeneuron" and (self.freeze_only or self.freeze_embeddings or self.freeze_attention
                                           or self.freeze_layers):
             raise ConfigError(f"freeze_only and freeze_* options apply to mode 'safeneuron', not {self.mode!r}")
+        for name in ("stochastic_ablation", "candidate_frac"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
+                raise ConfigError(f"{name} is a share in (0, 1] (0.5 = half), got {value!r}", fields=(name,))
+        if not isinstance(self.consistency_weight, (int, float)) or not math.isfinite(self.consistency_weight) \
+                or self.consistency_weight < 0:
+            raise ConfigError(f"consistency_weight must be a finite number >= 0, got {self.consistency_weight!r}",
+                              fields=("consistency_weight",))
+        if (self.ref_ablated or self.stochastic_ablation is not None or self.consistency_weight) and self.freeze_only:
+            raise ConfigError("ref_ablated and stochastic_ablation shape the ablation; freeze_only has none",
+                              fields=("freeze_only",))
         if not self.beta > 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not self.learning_rate > 0:

@@ -103,6 +103,9 @@ class NeuronFreezer:
         adapter_name: the peft adapter being trained.
         ablate_reference: also zero them in TRL's PEFT reference pass (the adapter-free model), so policy and
             reference differ only by what training changed (``ref_ablated``).
+        ablate_fraction: stochastic ablation: each optimizer step zeroes a fresh random subset of this share of
+            the masked neurons (per MLP, seeded by ``seed`` and the step); all of them stay frozen. None = zero
+            every masked neuron.
 
     Use as a context manager or call :meth:`install` / :meth:`remove`.
     """
@@ -119,9 +122,17 @@ class NeuronFreezer:
         freeze_layers: Sequence[int] = (),
         adapter_name: str = "default",
         ablate_reference: bool = False,
+        ablate_fraction: float | None = None,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.ablate_reference = ablate_reference
+        if ablate_fraction is not None and not 0 < ablate_fraction <= 1:
+            raise FreezeError(f"ablate_fraction is a share in (0, 1], got {ablate_fraction}")
+        self.ablate_fraction = ablate_fraction
+        self.seed = seed
+        self.ablated: SafetyNeuronMask | None = None  # the neurons zeroed now (a resampled subset, stochastic)
+        self._suspended = False
         self.base = unwrap_peft(model)
         self.sites: list[MLPSite] = find_mlps(self.base)
         mask.check(self.sites)
@@ -241,7 +252,12 @@ class NeuronFreezer:
             raise FreezeError("sn-tune: no trainable parameter owns a safety neuron")
         self._stack = contextlib.ExitStack()
         if self.ablate and self.mask.count():
-            self._stack.enter_context(zero_neurons(self.model, self.mask, when=self._training_pass, sites=self.sites))
+            self.ablated = self.mask if self.ablate_fraction is None else SafetyNeuronMask(
+                {k: v.clone() for k, v in self.mask.masks.items()})
+            if self.ablate_fraction is not None:
+                self.resample(0)
+            self._stack.enter_context(zero_neurons(self.model, self.ablated, when=self._training_pass,
+                                                   sites=self.sites, live=self.ablate_fraction is not None))
         logger.info("freezing %d neurons (%d entries in %d parameters)%s%s", self.mask.count(),
                     sum(e.index.numel() for e in self.entries), len(self.entries),
                     ", ablated in training" if self.ablate else "", ", inverted (sn-tune)" if self.invert else "")
@@ -285,7 +301,32 @@ class NeuronFreezer:
     def _training_pass(self, site: MLPSite) -> bool:
         """Ablate in training forward passes of the policy only (not evaluation; TRL's reference pass only with
         ``ablate_reference``)."""
+        if self._suspended:
+            return False
         return site.down.training and (self.ablate_reference or not self._reference_pass())
+
+    @contextlib.contextmanager
+    def intact(self):
+        """Inside the block, training passes are not ablated (the intact model, e.g. for a consistency target)."""
+        before, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = before
+
+    def resample(self, step: int) -> None:
+        """Stochastic ablation: draw the subset zeroed from now on (``ablate_fraction`` of each MLP's masked
+        neurons, at least one where it has any), seeded by ``seed`` and ``step``; a no-op without it."""
+        if self.ablate_fraction is None or self.ablated is None:
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        for name, candidates in self.mask.masks.items():
+            idx = torch.nonzero(candidates.cpu()).flatten()
+            chosen = self.ablated.masks[name]
+            chosen.zero_()
+            if idx.numel():
+                k = max(1, round(self.ablate_fraction * idx.numel()))
+                chosen[idx[torch.randperm(idx.numel(), generator=g)[:k]].to(chosen.device)] = True
 
     # ------------------------------------------------------------------ restore and checks
     @torch.no_grad()
@@ -321,6 +362,8 @@ class NeuronFreezer:
             "frozen_entries": int(sum(e.index.numel() for e in self.entries)),
             "parameters_with_frozen_entries": len(self.entries),
             "ablate": self.ablate,
+            "ablate_fraction": self.ablate_fraction,
+            "ablate_reference": self.ablate_reference,
             "invert": self.invert,
             "parameters_frozen_whole": len(self._requires_grad),
         }
@@ -347,6 +390,10 @@ class RestoreFrozenCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.freezer.restore()
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.freezer.resample(state.global_step)  # stochastic ablation: a new subset each step
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

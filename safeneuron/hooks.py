@@ -68,6 +68,7 @@ def zero_neurons(
     *,
     when: Callable[[MLPSite], bool] | None = None,
     sites: Sequence[MLPSite] | None = None,
+    live: bool = False,
 ) -> Iterator[SafetyNeuronMask]:
     """Zero the masked neurons' activations in forward passes inside the ``with`` block.
 
@@ -77,6 +78,8 @@ def zero_neurons(
             None = always.
         sites: the model's MLP sites (found when None; pass the unwrapped model's for a
             peft model).
+        live: read ``mask`` at every pass (a mask changed in place between passes, e.g. stochastic
+            ablation's resampled subset), instead of once on entry.
 
     Outputs are bit-exactly restored on exit (the hooks are removed; no weight
     changes). Hooks nest: zeroing inside zeroing zeroes the union.
@@ -84,12 +87,13 @@ def zero_neurons(
     sites = list(sites) if sites is not None else find_mlps(model)
     mask.check(sites)
     keep = {s.name: (~mask.masks[s.name]).to(device=s.down.weight.device) for s in sites}
-    active = {name for name, k in keep.items() if not k.all()}
+    active = {name for name, k in keep.items() if not k.all()} if not live else {s.name for s in sites}
 
     def zero(site: MLPSite, acts: torch.Tensor) -> torch.Tensor | None:
         if site.name not in active or (when is not None and not when(site)):
             return None
-        return acts * keep[site.name].to(acts.dtype)  # [batch, seq, d_ff] * [d_ff]
+        k = (~mask.masks[site.name]).to(device=acts.device) if live else keep[site.name]
+        return acts * k.to(acts.dtype)  # [batch, seq, d_ff] * [d_ff]
 
     with neuron_hooks(model, zero, sites):
         yield mask

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+
+import torch
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +45,12 @@ class SafeNeuronDPOTrainer(DPOTrainer):
         freeze_embeddings / freeze_attention / freeze_layers: also freeze whole modules.
         ablate_reference: the reference is ablated like the policy (``ref_ablated``): the frozen neurons are
             zeroed in its passes too (a separate reference model, or the adapter-free model under LoRA).
+        ablate_fraction, seed: stochastic ablation (``stochastic_ablation``): each optimizer step zeroes a fresh
+            random share of the frozen neurons (see :class:`~safeneuron.freezing.NeuronFreezer`).
+        consistency_weight: weight of the ablation-consistency term added to the DPO loss: the mean KL, over the
+            chosen answers' positions, from the intact policy's next-token distribution (a fixed target) to the
+            ablated policy's, so what the ablated network says follows what the intact one says (0 = off; logged
+            as ``consistency_kl``).
 
     The freezer is installed after TRL has built (and, with ``peft_config``, wrapped)
     the model and before the optimizer exists; it restores the frozen entries after
@@ -62,19 +70,49 @@ class SafeNeuronDPOTrainer(DPOTrainer):
         freeze_attention: bool = False,
         freeze_layers: Sequence[int] = (),
         ablate_reference: bool = False,
+        ablate_fraction: float | None = None,
+        seed: int = 0,
+        consistency_weight: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.consistency_weight = consistency_weight
         self.freezer: NeuronFreezer | None = None
         self._reference_ablation = contextlib.ExitStack()
         if frozen is not None:
             self.freezer = NeuronFreezer(self.model, frozen, ablate=ablate, invert=invert,
                                          freeze_embeddings=freeze_embeddings, freeze_attention=freeze_attention,
-                                         freeze_layers=freeze_layers, ablate_reference=ablate_reference).install()
+                                         freeze_layers=freeze_layers, ablate_reference=ablate_reference,
+                                         ablate_fraction=ablate_fraction, seed=seed).install()
             self.add_callback(self.freezer.callback())
             self.add_callback(DistributedFreezeCallback(self.freezer))
             if ablate_reference and getattr(self, "ref_model", None) is not None and frozen.count():
                 self._reference_ablation.enter_context(zero_neurons(self.ref_model, frozen))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's DPO loss, plus ``consistency_weight`` x the ablation-consistency KL in training passes."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not (self.consistency_weight and self.freezer is not None and self.freezer.ablated is not None
+                and model.training):
+            return result
+        kl = self.consistency_kl(model, inputs)
+        self._metrics["train"]["consistency_kl"].append(float(kl.detach()))
+        if return_outputs:
+            return result[0] + self.consistency_weight * kl, result[1]
+        return result + self.consistency_weight * kl
+
+    def consistency_kl(self, model, inputs) -> torch.Tensor:
+        """Mean KL(intact || ablated) of the next-token distributions at the chosen answers' positions (the
+        first half of TRL's [chosen; rejected] batch); the intact distribution is a fixed target (no gradient)."""
+        half = inputs["input_ids"].shape[0] // 2
+        batch = {"input_ids": inputs["input_ids"][:half], "attention_mask": inputs["attention_mask"][:half],
+                 "use_cache": False}
+        where = inputs["completion_mask"][:half, 1:].bool()  # positions predicting an answer token
+        with torch.no_grad(), self.freezer.intact():
+            target = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
+        ablated = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
+        kl = (target.exp() * (target - ablated)).sum(-1)  # [batch, seq - 1]
+        return kl[where].mean() if where.any() else kl.sum() * 0.0
 
     def remove_freezing(self) -> dict | None:
         """Remove the hooks; returns the freezer's summary with ``exact`` (frozen entries unchanged).

@@ -201,3 +201,39 @@ def test_reinstall_and_restore_after_remove():
     freezer.install()  # snapshots taken afresh, not duplicated
     assert len(freezer.entries) == n and not freezer.changed()
     freezer.remove()
+
+
+def test_stochastic_ablation_zeroes_exactly_the_sampled_neurons_each_step():
+    from safeneuron.freezing import NeuronFreezer, RestoreFrozenCallback
+    from safeneuron.hooks import neuron_hooks
+
+    model = tiny_model("llama")
+    model.train()
+    mask = SafetyNeuronMask.random(model, frac=0.5, seed=3)
+    freezer = NeuronFreezer(model, mask, ablate_fraction=0.25, seed=7).install()
+    callback = RestoreFrozenCallback(freezer)
+    ids = torch.tensor([[5, 9, 12, 40, 41, 42]])
+    samples = []
+    try:
+        for step in range(3):
+            callback.on_step_begin(None, type("S", (), {"global_step": step})(), None)
+            seen = {}
+            with neuron_hooks(model, lambda s, a: seen.__setitem__(s.name, a.detach().clone())):
+                model(input_ids=ids)
+            sampled = {n: m.clone() for n, m in freezer.ablated.masks.items()}
+            samples.append(sampled)
+            for name, acts in seen.items():
+                chosen, candidates = sampled[name], mask.masks[name]
+                k = int(candidates.sum())
+                assert int(chosen.sum()) == max(1, round(0.25 * k)) and not (chosen & ~candidates).any()
+                assert torch.count_nonzero(acts[..., chosen]) == 0  # the sampled channels read zero
+                rest = candidates & ~chosen
+                assert torch.count_nonzero(acts[..., rest]) == acts[..., rest].numel()  # the other candidates do not
+    finally:
+        freezer.remove()
+    # each step draws another subset, reproducibly from the seed and the step
+    assert any(not torch.equal(samples[0][n], samples[1][n]) for n in samples[0])
+    again = NeuronFreezer(model, mask, ablate_fraction=0.25, seed=7)
+    again.ablated = SafetyNeuronMask({k: v.clone() for k, v in mask.masks.items()})
+    again.resample(1)
+    assert all(torch.equal(again.ablated.masks[n], samples[1][n]) for n in samples[1])

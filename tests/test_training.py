@@ -278,3 +278,36 @@ def test_an_ablated_reference_gives_loss_ln2_at_step_0_and_an_intact_one_does_no
         t.remove_freezing()
     assert losses[True] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(losses[False] - math.log(2)) > 1e-3
+
+
+def test_the_consistency_term_is_the_weighted_kl_and_zero_without_ablation(tmp_path):
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    def loss_of(mask, weight):
+        model = tiny_model("llama")
+        t = trainer(tmp_path / f"{weight}-{mask.count()}", model, mask, ref_model=copy.deepcopy(model),
+                    consistency_weight=weight)
+        batch = next(iter(DataLoader(t.train_dataset, batch_size=2, collate_fn=t.data_collator)))
+        model.train()
+        loss = t.compute_loss(model, batch)
+        kl = t._metrics["train"]["consistency_kl"][-1] if weight and t.freezer.ablated is not None else None
+        t.remove_freezing()
+        return float(loss), kl
+
+    mask = SafetyNeuronMask.random(tiny_model("llama"), frac=0.5, seed=2)
+    base, _ = loss_of(mask, 0.0)
+    with_term, kl = loss_of(mask, 2.0)
+    assert kl > 1e-6 and with_term == pytest.approx(base + 2.0 * kl, rel=1e-6, abs=1e-7)
+    assert with_term > base
+    # nothing ablated: the intact and ablated passes are the same network, so the term adds exactly nothing
+    empty = SafetyNeuronMask.empty_like(find_mlps(tiny_model("llama")))
+    assert loss_of(empty, 2.0)[0] == loss_of(empty, 0.0)[0]
+    model = tiny_model("llama")
+    t = trainer(tmp_path / "empty", model, SafetyNeuronMask.random(model, frac=0.5, seed=2), ablate=False,
+                ref_model=copy.deepcopy(model), consistency_weight=2.0)
+    batch = next(iter(DataLoader(t.train_dataset, batch_size=2, collate_fn=t.data_collator)))
+    model.train()
+    assert t.consistency_kl(model, batch).item() == 0.0
+    t.remove_freezing()

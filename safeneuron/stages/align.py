@@ -52,7 +52,7 @@ from safeneuron.freezing import unwrap_peft
 from safeneuron.inputs import prompt_batches
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model, processor_of, save_model_dir, weights_hash
-from safeneuron.stages.identify import OutputDirError, identify
+from safeneuron.stages.identify import Identification, OutputDirError, identify
 from safeneuron.stages.prefs import synthesize_preferences
 from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config, training_dtype
 
@@ -240,11 +240,15 @@ def _check_out_dir(out: Path, run_key: str, overwrite: bool) -> None:
 
 def _identify_round(config: AlignConfig, loaded: LoadedModel, rdir: Path, r: int, progress: bool
                     ) -> tuple[SafetyNeuronMask, dict]:
-    """The safety neurons of the current model: the round-1 mask file, or an identification."""
+    """The safety neurons of the current model: the round-1 mask file, or an identification; with
+    ``candidate_frac``, the top fraction of all neurons by its ``t`` score instead of its set."""
     if r == 1 and config.mask:
         mask = SafetyNeuronMask.load(config.mask, neuron_set=config.neuron_set)
         mask.check(loaded.model)
-        return mask, {"source": config.mask, "set": config.neuron_set}
+        info = {"source": config.mask, "set": config.neuron_set}
+        if config.candidate_frac is None:
+            return mask, info
+        return _top_candidates(Identification.load(Path(config.mask).parent), config.candidate_frac, info)
     ident_config = dataclasses.replace(config.identify, model=config.model, seed=config.seed, dtype=config.dtype,
                                        device=config.device)
     try:
@@ -252,9 +256,19 @@ def _identify_round(config: AlignConfig, loaded: LoadedModel, rdir: Path, r: int
     except OutputDirError:  # left by a killed run of other settings in this round directory
         result = identify(ident_config, rdir / "identify", loaded=loaded, overwrite=True, progress=progress)
     m = result.manifest
-    return result.sets[config.neuron_set], {"source": str(rdir / "identify"), "set": config.neuron_set,
-                                            "wall_time_s": m.get("wall_time_s"),
-                                            "selected_total": m.get("selected_total")}
+    info = {"source": str(rdir / "identify"), "set": config.neuron_set, "wall_time_s": m.get("wall_time_s"),
+            "selected_total": m.get("selected_total")}
+    if config.candidate_frac is None:
+        return result.sets[config.neuron_set], info
+    return _top_candidates(result, config.candidate_frac, info)
+
+
+def _top_candidates(ident: Identification, frac: float, info: dict) -> tuple[SafetyNeuronMask, dict]:
+    """The wider candidate set: the top ``frac`` of all neurons by the identification's ``t`` score
+    (``probe_up`` for NeuroStrike), ranked across layers."""
+    key = "t" if all("t" in per for per in ident.scores.values()) else "probe_up"
+    mask = SafetyNeuronMask.top_frac({mlp: per[key] for mlp, per in ident.scores.items()}, frac)
+    return mask, dict(info, set=f"top {frac:.2%} by {key}")
 
 
 def _check_image_prompt_length(processor, pairs, max_length: int | None) -> None:
@@ -415,6 +429,9 @@ def _train_round(run: _Run, model: nn.Module, ref: nn.Module | None, frozen: Saf
         freeze_attention=config.freeze_attention,
         freeze_layers=config.freeze_layers or (),
         ablate_reference=config.ref_ablated and config.mode == "safeneuron" and not config.freeze_only,
+        ablate_fraction=config.stochastic_ablation if config.mode == "safeneuron" else None,
+        seed=config.seed + r - 1,
+        consistency_weight=config.consistency_weight if config.mode == "safeneuron" else 0.0,
     )
     if not run.progress:
         from transformers.trainer_callback import PrinterCallback
