@@ -395,6 +395,12 @@ class AlignConfig:
     """Recompute activations in the backward pass to save memory."""
     bf16: bool | None = None
     """bf16 mixed precision; None = on when training on a GPU."""
+    precompute_ref_log_probs: bool = False
+    """TRL's ``precompute_ref_log_probs``: the reference's log-probs of every pair computed once before training,
+    saving a forward pass per step (the reference is fixed within a round). Not with ``ref_ablated`` (TRL
+    precomputes outside the training passes the ablation applies to)."""
+    group_by_length: bool = False
+    """Batches of pairs of similar length (transformers' ``group_by_length`` sampler): less padding per step."""
     save_steps: int = 20
     """Checkpoint every this many optimizer steps inside a round (resume after a kill)."""
     keep_checkpoints: bool = False
@@ -428,6 +434,9 @@ class AlignConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
                 raise ConfigError(f"{name} is a share in (0, 1] (0.5 = half), got {value!r}", fields=(name,))
+        if self.precompute_ref_log_probs and self.ref_ablated:
+            raise ConfigError("precompute_ref_log_probs computes the reference outside training passes, where "
+                              "ref_ablated's ablation does not apply; choose one", fields=("precompute_ref_log_probs",))
         if not isinstance(self.consistency_weight, (int, float)) or not math.isfinite(self.consistency_weight) \
                 or self.consistency_weight < 0:
             raise ConfigError(f"consistency_weight must be a finite number >= 0, got {self.consistency_weight!r}",
@@ -492,6 +501,9 @@ class PrefsConfig:
     """Safety-neuron mask for the pruning attack that produces the compliances; None = identify on the model."""
     neuron_set: NeuronSet = "union"
     """Set of the mask file (or of the identification) to prune: es, sas or union."""
+    rejected: Literal["pruned", "intact"] = "pruned"
+    """Where a harmful pair's rejected answer comes from first: ``pruned`` (the model's compliance with its safety
+    neurons pruned, today's), or ``intact`` (the intact model's own compliance); the other is the fallback."""
     identify: IdentifyConfig = field(default_factory=lambda: IdentifyConfig(max_prompts=128))
     """Identification settings when no mask is given (128 prompts per class by default) (prompts, ``max_prompts``, pooling ``position``, ``tau_es``, ``tau_sas``,
     ``top_frac``, ...: an :class:`IdentifyConfig`; TOML ``[prefs.identify]``, flags ``--identify.<field>``). Its

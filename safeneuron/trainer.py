@@ -188,6 +188,8 @@ def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None 
         data_seed=config.seed if seed is None else seed,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
     )
 
 

@@ -181,6 +181,16 @@ def test_synthesis_judge_filter_and_provenance(tmp_path, monkeypatch):
     assert report["refusal_rate_intact"] == pytest.approx(2 / 3)
     assert load_preferences(out).sha256 == ps.sha256  # the file reads back as the same pairs
 
+    # rejected = the intact model's own compliance first: prompt 0 (intact refused) still falls back to pruned
+    intact["h3"], pruned["h3"] = "Here is the method, plainly: mix A and B.", "First, buy the parts; then build it."
+    write_jsonl(tmp_path / "harmful.jsonl", [{"prompt": k} for k in ("h0", "h1", "h2", "h3")])
+    config = PrefsConfig(harmful=str(tmp_path / "harmful.jsonl"), harmless=str(tmp_path / "harmless.jsonl"),
+                         n_harmful=4, n_harmless=1, seed=0, rejected="intact")
+    rows = synthesize_preferences(loaded, config, tmp_path / "prefs-intact.jsonl", mask=mask, progress=False).pairs
+    by_prompt = {r["prompt"]: r for r in rows if r["kind"] == "harmful"}
+    assert (by_prompt["h3"]["rejected"], by_prompt["h3"]["rejected_source"]) == (intact["h3"], "model")
+    assert (by_prompt["h0"]["rejected"], by_prompt["h0"]["rejected_source"]) == (pruned["h0"], "model-pruned")
+
 
 def test_synthesis_on_a_tiny_model_end_to_end(tmp_path):
     loaded = tiny_loaded(tmp_path)

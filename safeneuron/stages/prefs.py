@@ -118,7 +118,7 @@ def synthesize_preferences(
     def template() -> str:
         return rng.choice(templates)
 
-    pairs = _harmful_pairs(harmful, answers, judge, template, report, provenance)
+    pairs = _harmful_pairs(harmful, answers, judge, template, report, provenance, config.rejected)
     pairs += _harmless_pairs(harmless, answers, judge, template, report, provenance)
     if not pairs:
         raise PreferenceDataError(
@@ -198,22 +198,24 @@ def _answers(loaded: LoadedModel, harmful: PromptSet, harmless: PromptSet | None
 
 
 def _harmful_pairs(harmful: PromptSet, answers: _Answers, judge: RefusalJudge, template: Callable[[], str],
-                   report: SynthesisReport, provenance: dict) -> list[dict]:
+                   report: SynthesisReport, provenance: dict, rejected_first: str = "pruned") -> list[dict]:
     """chosen = the intact model's refusal (else a template), rejected = the pruned compliance (else the
-    intact one); a prompt with no compliance at all is dropped."""
+    intact one; the other way round with ``rejected_first="intact"``); a prompt with no compliance at all is
+    dropped."""
     refused = [judge.is_refusal(r) for r in answers.intact]
     pruned_refused = [judge.is_refusal(r) for r in answers.pruned]
     pairs = []
     for i in range(len(harmful)):
         drawn = template()
         chosen, chosen_source = (answers.intact[i], "model") if refused[i] else (drawn, "template")
-        if not pruned_refused[i]:
-            rejected, rejected_source = answers.pruned[i], "model-pruned"
-        elif not refused[i]:
-            rejected, rejected_source = answers.intact[i], "model"
-        else:
+        sources = [(not pruned_refused[i], answers.pruned[i], "model-pruned"), (not refused[i], answers.intact[i], "model")]
+        if rejected_first == "intact":
+            sources.reverse()
+        found = next(((text, src) for ok, text, src in sources if ok), None)
+        if found is None:
             report.dropped_no_compliance += 1
             continue
+        rejected, rejected_source = found
         report.chosen_from_model += chosen_source == "model"
         report.chosen_from_template += chosen_source == "template"
         report.rejected_from_pruned += rejected_source == "model-pruned"
