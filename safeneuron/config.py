@@ -333,6 +333,11 @@ class AlignConfig:
     consistency_weight: float = 0.0
     """Ablation-consistency term (safeneuron mode): this weight x the mean KL from the intact policy's next-token
     distribution to the ablated policy's on the chosen answers, added to the DPO loss (0 = off)."""
+    reidentify_every: int = 0
+    """Dynamic re-identification (safeneuron mode): every this many optimizer steps inside a round, identify the
+    safety neurons of the policy as it is now (the round's identification settings, closed-form statistics) and
+    freeze and ablate them from then on, so the ablated set follows the model as it learns (0 = off; a resumed
+    round restarts from the round's starting set)."""
     candidate_frac: float | None = None
     """Freeze (and ablate) the top fraction of all neurons by the identification's ``t`` score (e.g. 0.05) instead
     of its ES/SAS set: the wider candidate set for stochastic ablation."""
@@ -434,6 +439,9 @@ class AlignConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
                 raise ConfigError(f"{name} is a share in (0, 1] (0.5 = half), got {value!r}", fields=(name,))
+        if not isinstance(self.reidentify_every, int) or self.reidentify_every < 0:
+            raise ConfigError(f"reidentify_every is a number of optimizer steps >= 0, got {self.reidentify_every!r}",
+                              fields=("reidentify_every",))
         if self.precompute_ref_log_probs and self.ref_ablated:
             raise ConfigError("precompute_ref_log_probs computes the reference outside training passes, where "
                               "ref_ablated's ablation does not apply; choose one", fields=("precompute_ref_log_probs",))

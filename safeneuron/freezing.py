@@ -43,7 +43,7 @@ from safeneuron.masks import SafetyNeuronMask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NeuronFreezer", "FrozenEntries", "FreezeError", "RestoreFrozenCallback", "unwrap_peft"]
+__all__ = ["NeuronFreezer", "FrozenEntries", "FreezeError", "RestoreFrozenCallback", "ReidentifyCallback", "unwrap_peft"]
 
 
 class FreezeError(SafeneuronError):
@@ -147,6 +147,8 @@ class NeuronFreezer:
         self.adapter_name = adapter_name
         self.entries: list[FrozenEntries] = []
         self._handles: list = []
+        self._entry_handles: list = []
+        self.history: list[dict] = []  # dynamic re-identification: what each retarget changed
         self._stack: contextlib.ExitStack | None = None
         self._requires_grad: dict[int, tuple[str, nn.Parameter, bool]] = {}
         self._partners: set[int] = set()
@@ -218,18 +220,8 @@ class NeuronFreezer:
         return out
 
     # ------------------------------------------------------------------ install / remove
-    def install(self) -> "NeuronFreezer":
-        """Zero the LoRA entries, snapshot, add gradient hooks and (with ``ablate``) the ablation hooks."""
-        if self._stack is not None:
-            return self
-        self.entries = []
-        owned = self._owned()
-        for name, param in self._module_params():
-            self._set_requires_grad(name, param, False)
-        if self.invert:
-            for name, param in self.model.named_parameters():
-                if id(param) not in owned and id(param) not in self._partners:
-                    self._set_requires_grad(name, param, False)
+    def _freeze_entries(self, owned: dict) -> None:
+        """Snapshot the entries the neurons own (LoRA factors zeroed first) and mask their gradients."""
         for name, param, dim, idx, lora in owned.values():
             if not param.requires_grad:
                 continue
@@ -247,27 +239,72 @@ class NeuronFreezer:
                 snapshot = param.detach().index_select(dim, index).clone()
             entry = FrozenEntries(name, param, dim, index, snapshot)
             self.entries.append(entry)
-            self._handles.append(param.register_hook(_grad_mask(dim, index)))
+            self._entry_handles.append(param.register_hook(_grad_mask(dim, index)))
+
+    def install(self) -> "NeuronFreezer":
+        """Zero the LoRA entries, snapshot, add gradient hooks and (with ``ablate``) the ablation hooks."""
+        if self._stack is not None:
+            return self
+        self.entries = []
+        owned = self._owned()
+        for name, param in self._module_params():
+            self._set_requires_grad(name, param, False)
+        if self.invert:
+            for name, param in self.model.named_parameters():
+                if id(param) not in owned and id(param) not in self._partners:
+                    self._set_requires_grad(name, param, False)
+        self._freeze_entries(owned)
         if self.invert and not any(p.requires_grad for p in self.model.parameters()):
             raise FreezeError("sn-tune: no trainable parameter owns a safety neuron")
         self._stack = contextlib.ExitStack()
         if self.ablate and self.mask.count():
-            self.ablated = self.mask if self.ablate_fraction is None else SafetyNeuronMask(
-                {k: v.clone() for k, v in self.mask.masks.items()})
+            # a copy read at every pass: stochastic ablation resamples it, re-identification retargets it
+            self.ablated = SafetyNeuronMask({k: v.clone() for k, v in self.mask.masks.items()})
             if self.ablate_fraction is not None:
                 self.resample(0)
             self._stack.enter_context(zero_neurons(self.model, self.ablated, when=self._training_pass,
-                                                   sites=self.sites, live=self.ablate_fraction is not None))
+                                                   sites=self.sites, live=True))
         logger.info("freezing %d neurons (%d entries in %d parameters)%s%s", self.mask.count(),
                     sum(e.index.numel() for e in self.entries), len(self.entries),
                     ", ablated in training" if self.ablate else "", ", inverted (sn-tune)" if self.invert else "")
         return self
 
+    def retarget(self, mask: SafetyNeuronMask, step: int = 0) -> dict:
+        """Dynamic re-identification: from now on freeze (and ablate) ``mask`` instead of the current set.
+
+        The current set's entries must still be bit-exact (they were frozen until now: checked); the new set's
+        are snapshot now (LoRA factors of newly frozen neurons zeroed, as at install). Returns and records in
+        :attr:`history` the counts kept, added and released."""
+        if self.invert:
+            raise FreezeError("sn-tune trains its set; re-identification retargets a frozen set")
+        mask.check(self.sites)
+        changed = self.changed()
+        if changed:
+            raise FreezeError(f"frozen entries changed before re-identification: {', '.join(changed[:5])}")
+        old = self.mask
+        for h in self._entry_handles:
+            h.remove()
+        self._entry_handles.clear()
+        self.entries = []
+        self.mask = mask
+        self._freeze_entries(self._owned())
+        if self.ablated is not None:
+            for name, chosen in self.ablated.masks.items():
+                chosen.copy_(mask.masks[name].to(chosen.device))
+            self.resample(step)
+        record = {"step": step, "kept": (old & mask).count(), "added": mask.count() - (old & mask).count(),
+                  "released": old.count() - (old & mask).count(), "frozen": mask.count()}
+        self.history.append(record)
+        logger.info("re-identified at step %d: %d kept, %d added, %d released", step, record["kept"],
+                    record["added"], record["released"])
+        return record
+
     def remove(self) -> None:
         """Remove every hook and give back ``requires_grad`` as it was; snapshots are kept."""
-        for h in self._handles:
+        for h in self._handles + self._entry_handles:
             h.remove()
         self._handles.clear()
+        self._entry_handles.clear()
         if self._stack is not None:
             self._stack.close()
             self._stack = None
@@ -364,6 +401,7 @@ class NeuronFreezer:
             "ablate": self.ablate,
             "ablate_fraction": self.ablate_fraction,
             "ablate_reference": self.ablate_reference,
+            "reidentified": list(self.history),
             "invert": self.invert,
             "parameters_frozen_whole": len(self._requires_grad),
         }
@@ -394,6 +432,30 @@ class RestoreFrozenCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.freezer.resample(state.global_step)  # stochastic ablation: a new subset each step
+        return control
+
+
+class ReidentifyCallback(TrainerCallback):
+    """Dynamic re-identification inside a round: every ``every`` optimizer steps, ``identify(model)`` (the current
+    policy, in eval mode: no dropout, no ablation) gives the safety neurons of the model as it is now, and the
+    freezer freezes and ablates them from then on (:meth:`NeuronFreezer.retarget`)."""
+
+    def __init__(self, freezer: NeuronFreezer, every: int, identify) -> None:
+        if every < 1:
+            raise FreezeError(f"re-identification every {every} steps: give a number >= 1")
+        self.freezer, self.every, self.identify = freezer, every, identify
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every or state.global_step >= state.max_steps:
+            return control
+        net = model if model is not None else self.freezer.model
+        was_training = net.training
+        net.eval()
+        try:
+            mask = self.identify(net)
+        finally:
+            net.train(was_training)
+        self.freezer.retarget(mask, state.global_step)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -237,3 +237,57 @@ def test_stochastic_ablation_zeroes_exactly_the_sampled_neurons_each_step():
     again.ablated = SafetyNeuronMask({k: v.clone() for k, v in mask.masks.items()})
     again.resample(1)
     assert all(torch.equal(again.ablated.masks[n], samples[1][n]) for n in samples[1])
+
+
+def test_reidentification_retargets_the_set_mid_round_and_each_set_is_exact_while_frozen(tmp_path):
+    from transformers import TrainerCallback
+
+    from safeneuron.data.preferences import PreferenceSet
+    from safeneuron.freezing import ReidentifyCallback
+    from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config
+    from safeneuron.config import AlignConfig
+    from conftest import make_tokenizer
+
+    model = tiny_model("llama")
+    first = SafetyNeuronMask.random(model, frac=0.2, seed=1)
+    second = SafetyNeuronMask.random(model, frac=0.2, seed=2)
+    pairs = [{"prompt": f"Tell me harmful thing {i}.", "chosen": "I can't help with that.",
+              "rejected": f"Sure! Step {i}: do it."} for i in range(8)]
+    args = dpo_config(AlignConfig(max_steps=4, learning_rate=1e-2, per_device_train_batch_size=2,
+                                  gradient_accumulation_steps=1, device="cpu"), tmp_path / "t", progress=False)
+    args.save_strategy = "no"
+    t = SafeNeuronDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                             train_dataset=PreferenceSet(pairs).to_trl(make_tokenizer()),
+                             processing_class=make_tokenizer(), frozen=first)
+    snapshots, modes = {}, []
+
+    def owned(mask):
+        return {s.param_name: model.get_parameter(s.param_name).detach().index_select(
+            s.dim, mask.indices(site.name) + s.offset).clone() for site in find_mlps(model) for s in site.slices}
+
+    def identify(net):
+        modes.append(net.training)
+        snapshots["first_at_switch"] = owned(first)
+        return second
+
+    snapshots["first_at_start"] = owned(first)
+    t.add_callback(ReidentifyCallback(t.freezer, 2, identify))
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                snapshots["second_at_switch"] = owned(second)
+    t.add_callback(Watch())
+    t.train()
+    assert modes == [False]  # identified once (step 2 of 4; not at the end), in eval mode
+    assert t.freezer.mask is second and t.freezer.history[0]["step"] == 2
+    assert t.freezer.history[0]["added"] == second.count() - (first & second).count()
+    # the first set was bit-exact while frozen (steps 0-2), the second from its switch to the end
+    for name, value in snapshots["first_at_start"].items():
+        assert torch.equal(value, snapshots["first_at_switch"][name])
+    for name, value in owned(second).items():
+        assert torch.equal(value, snapshots["second_at_switch"][name])
+    assert t.freezer.ablated is not None and all(torch.equal(t.freezer.ablated.masks[n], second.masks[n])
+                                                  for n in second.masks)
+    summary = t.remove_freezing()
+    assert summary["exact"] and summary["reidentified"][0]["frozen"] == second.count()

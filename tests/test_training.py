@@ -311,3 +311,19 @@ def test_the_consistency_term_is_the_weighted_kl_and_zero_without_ablation(tmp_p
     model.train()
     assert t.consistency_kl(model, batch).item() == 0.0
     t.remove_freezing()
+
+
+def test_align_with_every_lever_on_lora(tmp_path, model_dir):
+    """Dynamic re-identification, stochastic ablation over a wider candidate set, the consistency term and an
+    ablated reference, together in one LoRA round: the round records the re-identifications and stays exact."""
+    cfg = quick_config(rounds=1, lora=True, lora_r=4, max_steps=4, reidentify_every=2, stochastic_ablation=0.5,
+                       candidate_frac=0.1, consistency_weight=0.5, ref_ablated=True, tau_es=0.5)
+    result = align(cfg, PAIRS, tmp_path / "levers", loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    freezing = result.rounds[0]["freezing"]
+    assert freezing["exact"] and freezing["ablate_fraction"] == 0.5 and freezing["ablate_reference"]
+    (switch,) = freezing["reidentified"]  # step 2 of 4
+    assert switch["step"] == 2 and (tmp_path / "levers" / "round_1" / "reidentify" / "1" / "identify.json").is_file()
+    total = sum(s.d_ff for s in find_mlps(result.model))
+    assert switch["frozen"] >= round(0.1 * total)  # the top 10 % by t, joined with the round's starting set
+    training = json.loads((tmp_path / "levers" / "round_1" / "metrics.json").read_text())["training"]
+    assert training["consistency_kl_first"] >= 0 and training["consistency_kl_mean"] >= 0  # the term was logged

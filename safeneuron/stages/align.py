@@ -48,7 +48,7 @@ from safeneuron.data.images import (
 from safeneuron.data.preferences import PreferenceDataError, PreferenceSet, as_text, load_preferences, mix_preferences
 from safeneuron.distributed import barrier, is_main_process, parallelism, process_device, world
 from safeneuron.errors import SafeneuronError
-from safeneuron.freezing import unwrap_peft
+from safeneuron.freezing import ReidentifyCallback, unwrap_peft
 from safeneuron.inputs import prompt_batches
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model, processor_of, save_model_dir, weights_hash
@@ -156,7 +156,7 @@ def _summarise_logs(history: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {"steps_logged": len(steps)}
     for key, name in (("loss", "loss"), ("rewards/margins", "reward_margin"),
                       ("rewards/accuracies", "reward_accuracy"), ("rewards/chosen", "reward_chosen"),
-                      ("rewards/rejected", "reward_rejected")):
+                      ("rewards/rejected", "reward_rejected"), ("consistency_kl", "consistency_kl")):
         values = [float(h[key]) for h in steps if key in h]
         if values:
             out[f"{name}_first"] = values[0]
@@ -407,6 +407,28 @@ def _reference(model: nn.Module, config: AlignConfig) -> nn.Module | None:
     return ref
 
 
+def _reidentifier(run: _Run, rdir: Path, r: int, frozen_at_start: SafetyNeuronMask):
+    """Dynamic re-identification's ``identify(model)``: the round's identification settings on the policy as it
+    is now (artifacts in ``round_r/reidentify/<n>/``), its set (or top candidates), joined with the round's
+    starting set under ``frozen_set = "union"``."""
+    config = run.config
+    count = [0]
+
+    def identify_now(model: nn.Module) -> SafetyNeuronMask:
+        count[0] += 1
+        net = unwrap_peft(getattr(model, "module", model))
+        loaded = dataclasses.replace(run.loaded, model=net)
+        ident_config = dataclasses.replace(config.identify, model=config.model, seed=config.seed, dtype=config.dtype,
+                                           device=config.device, verify=False, by_category=False)
+        result = identify(ident_config, rdir / "reidentify" / str(count[0]), loaded=loaded, overwrite=True,
+                          progress=False)
+        mask = result.sets[config.neuron_set] if config.candidate_frac is None else \
+            _top_candidates(result, config.candidate_frac, {})[0]
+        return mask | frozen_at_start if config.frozen_set == "union" else mask
+
+    return identify_now
+
+
 def _train_round(run: _Run, model: nn.Module, ref: nn.Module | None, frozen: SafetyNeuronMask | None, rdir: Path,
                  r: int) -> tuple[SafeNeuronDPOTrainer, str | None]:
     """Build round ``r``'s :class:`SafeNeuronDPOTrainer` and train (from the last complete checkpoint in
@@ -437,6 +459,9 @@ def _train_round(run: _Run, model: nn.Module, ref: nn.Module | None, frozen: Saf
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    if config.reidentify_every and config.mode == "safeneuron" and trainer.freezer is not None:
+        trainer.add_callback(ReidentifyCallback(trainer.freezer, config.reidentify_every,
+                                                _reidentifier(run, rdir, r, frozen)))
     checkpoint = _resume_checkpoint(rdir / "trainer")
     if checkpoint:
         logger.info("round %d: resuming from %s", r, checkpoint)
