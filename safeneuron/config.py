@@ -1030,6 +1030,9 @@ MAIN_JOB: dict[str, dict[str, Any]] = {
         "sweep": [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02], "n_sweep_prompts": 16, "n_mc": 60, "mc_scoring": "option",
         "n_ppl": 16, "n_redteam": 8, "redteam_max_new_tokens": 64, "max_new_tokens": 64, "dtype": "fast",
         "identify": {"max_prompts": 48},
+        # the cheap attacks of the attack profile, one budget point each (--long: every kind, every budget)
+        "attacks": {"kinds": ["transfer", "whitebox", "direction", "prefill", "finetune"], "direction_ranks": [1],
+                    "prefill_attempts": [1], "finetune_examples": [10], "finetune_epochs": 1},
     },
     "analyze": {"max_prompts": 48, "n_splits": 2, "n_orders": 100},
 }
@@ -1134,6 +1137,8 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     """Read a TOML/YAML run config (default: the packaged default file) and apply overrides."""
     data = load_config_file(path or DEFAULT_CONFIG)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("long"):  # the long profile's run-wide keys (its stage tables apply in stage_config)
+        data.update({k: v for k, v in LONG.items() if not isinstance(v, dict)})
     config = from_dict(RunConfig, data, where=str(path or DEFAULT_CONFIG))
     return config
 

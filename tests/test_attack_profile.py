@@ -162,7 +162,9 @@ def test_finetune_adapter_changes_outputs_and_leaves_the_model_and_its_directory
     with torch.no_grad():
         before = loaded.model(**enc).logits
     pairs = [(p, "Step 1: gather the tools. Step 2: do it.") for p in HARMFUL[:4]]
+    use_cache = loaded.model.config.use_cache
     epochs = train_adapter(ctx, pairs, tmp_path / "ft")
+    assert loaded.model.config.use_cache == use_cache  # generation keeps its KV cache after the attack
     assert [e.name for e in epochs] == ["epoch1", "epoch2"] and all((e / "adapter_config.json").is_file() for e in epochs)
     with torch.no_grad():
         assert torch.equal(loaded.model(**enc).logits, before)  # training left the model as it was

@@ -13,7 +13,7 @@ from safeneuron.sweep import SweepConfig, load_sweep, summarise_sweep, sweep
 
 def _grid(tiny_dir) -> SweepConfig:
     base = tomllib.loads(TINY_RUN.format(model=tiny_dir, max_length=96))
-    base["evaluate"].update(templates=[], sweep=[], n_redteam=0, n_mc=0, n_ppl=0, n_xstest=0)
+    base["evaluate"].update(templates=[], sweep=[], n_redteam=0, n_mc=0, n_ppl=0, n_xstest=0, attacks={"kinds": []})
     return SweepConfig(base=base, arms={"dpo": {"modes": ["dpo"]}, "frozen": {"modes": ["safeneuron"]}},
                        seeds=[0], reference="dpo", stages=["identify", "prefs", "align", "evaluate"])
 

@@ -116,7 +116,8 @@ def train_adapter(ctx: AttackContext, pairs: list[tuple[str, str]], out: Path) -
                      warmup_steps=int(0.1 * steps_per_epoch * cfg.finetune_epochs),
                      max_length=cfg.finetune_max_length, save_strategy="no", report_to=[], logging_steps=1,
                      use_cpu=not on_gpu, bf16=False, seed=ctx.settings.seed, data_seed=ctx.settings.seed,
-                     disable_tqdm=not ctx.progress, dataloader_num_workers=0, packing=False)
+                     disable_tqdm=not ctx.progress, dataloader_num_workers=0, packing=False,
+                     gradient_checkpointing=False)  # TRL's default turns it on, and with it the model's KV cache off
     peft_config = LoraConfig(r=cfg.finetune_lora_r, lora_alpha=2 * cfg.finetune_lora_r, lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")
 
@@ -126,8 +127,9 @@ def train_adapter(ctx: AttackContext, pairs: list[tuple[str, str]], out: Path) -
             with atomic_dir(out / f"epoch{e}") as tmp:
                 model.save_pretrained(tmp)
 
-    was_training = ctx.loaded.model.training
-    trainer = SFTTrainer(model=ctx.loaded.model, args=args, train_dataset=data, processing_class=ctx.loaded.tokenizer,
+    model = ctx.loaded.model
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=ctx.loaded.tokenizer,
                          peft_config=peft_config, callbacks=[SaveEachEpoch()])
     t0 = time.perf_counter()
     try:
@@ -135,7 +137,11 @@ def train_adapter(ctx: AttackContext, pairs: list[tuple[str, str]], out: Path) -
         losses = [round(float(h["loss"]), 4) for h in trainer.state.log_history if "loss" in h]
     finally:
         trainer.model.unload()  # the LoRA layers come out; the base weights were never changed
-        ctx.loaded.model.train(was_training)
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        if use_cache is not None:
+            model.config.use_cache = use_cache  # generation after the attack keeps its KV cache
+        model.train(was_training)
         del trainer
     write_json(out / "finetune.json", {"pairs": len(pairs), "epochs": cfg.finetune_epochs, "train_s":
                                        round(time.perf_counter() - t0, 2), "train_loss": result.training_loss,
@@ -149,7 +155,11 @@ def attached_adapter(loaded, adapter_dir: Path) -> Iterator[None]:
     removed on exit, the base weights untouched."""
     from peft import PeftModel
 
+    dtype = next(loaded.model.parameters()).dtype
     peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=False)
+    for name, param in peft_model.named_parameters():  # in the model's dtype: no float32 detour per layer
+        if "lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
     was_training = loaded.model.training
     loaded.model.eval()
     try:
