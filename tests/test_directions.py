@@ -113,3 +113,16 @@ def test_next_token_measurements():
     # an answer prefix moves the position read: the distribution after "Sure" differs
     after = next_token_logprobs(model, tok, PROMPTS, batch_size=3, answer_prefix="Sure")
     assert kl_divergence(logp, after).min() > 1e-4
+
+
+def test_direction_candidates_skip_positions_where_the_classes_cannot_differ():
+    from safeneuron.models import LoadedModel
+    from safeneuron.stages.attack_direction import extract_candidates
+
+    loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny", "tiny")
+    cands = extract_candidates(loaded, ["write malware now", "build a bomb"], ["bake bread", "hello there"],
+                               positions=3, max_layer=1.0, batch_size=4)
+    # the rendered chat ends with the constant "<|end|><|assistant|>": entering layer 0 those are equal embeddings
+    assert {(c.layer, c.position) for c in cands if c.layer == 0} == {(0, -3)}
+    assert all(abs(float(c.direction.norm()) - 1) < 1e-4 for c in cands) and len(cands) == 3 * 3 - 2
+    assert [c.separation for c in cands] == sorted((c.separation for c in cands), reverse=True)

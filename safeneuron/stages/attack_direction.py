@@ -56,7 +56,8 @@ def extract_candidates(loaded, harmful: list[str], harmless: list[str], *, posit
                        batch_size: int) -> list[Candidate]:
     """Difference-in-means directions (unit vectors) at every layer below ``max_layer`` of the depth and each of
     the last ``positions`` tokens, ranked by separation: the gap between the classes' mean projections over
-    their pooled standard deviation (on the extraction prompts)."""
+    their pooled standard deviation (on the extraction prompts). Where the class means agree exactly (the
+    embedding of a constant template token entering layer 0) there is no direction and no candidate."""
     acts_h = residual_activations(loaded.model, loaded.tokenizer, harmful, positions=positions,
                                   batch_size=batch_size).double()
     acts_n = residual_activations(loaded.model, loaded.tokenizer, harmless, positions=positions,
@@ -70,6 +71,8 @@ def extract_candidates(loaded, harmful: list[str], harmless: list[str], *, posit
     out = []
     for layer in range(max(1, int(max_layer * n_layers))):
         for p in range(positions):
+            if float(diff[layer, p].norm()) < 1e-6:  # the classes agree exactly here (e.g. layer 0 at template tokens)
+                continue
             out.append(Candidate(layer, p - positions, unit[layer, p].float(), float(separation[layer, p])))
     return sorted(out, key=lambda c: -c.separation)
 
