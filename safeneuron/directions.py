@@ -30,7 +30,7 @@ from safeneuron.errors import SafeneuronError
 from safeneuron.inputs import prompt_batches
 
 __all__ = ["ResidualLayer", "residual_layers", "residual_activations", "orthonormal", "ablate_directions",
-           "orthogonalize_weights", "DirectionError"]
+           "orthogonalize_weights", "stream_writing_parameters", "DirectionError"]
 
 _ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 _OUT_PROJ = ("o_proj", "out_proj", "c_proj", "dense")
@@ -165,6 +165,29 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"  # GPT-2's transposed linear: weight [in, out]
 
 
+def _embedding_rows(model: nn.Module) -> list[torch.Tensor]:
+    """The embedding tables that write the residual stream: the input embeddings and learned position
+    embeddings, [rows, d_model] each."""
+    embed = model.get_input_embeddings()
+    rows = [embed.weight]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module is not embed and name.endswith(("wpe", "embed_positions")):
+            rows.append(module.weight)
+    return rows
+
+
+def stream_writing_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor :func:`orthogonalize_weights` edits: the embedding tables and each layer's output
+    projections (weights and biases), e.g. to back them up and restore them."""
+    out = list(_embedding_rows(model))
+    for layer in residual_layers(model):
+        for proj in layer.out_projs:
+            out.append(proj.weight)
+            if getattr(proj, "bias", None) is not None:
+                out.append(proj.bias)
+    return out
+
+
 @torch.no_grad()
 def orthogonalize_weights(model: nn.Module, directions: torch.Tensor) -> torch.Tensor:
     """Edit the weights in place so that nothing writes the span of ``directions`` into the residual
@@ -183,11 +206,7 @@ def orthogonalize_weights(model: nn.Module, directions: torch.Tensor) -> torch.T
         for config in (model.config, getattr(model.config, "text_config", None)):
             if config is not None and hasattr(config, "tie_word_embeddings"):
                 config.tie_word_embeddings = False
-    rows = [embed.weight]
-    for name, module in model.named_modules():  # learned position embeddings write the stream too
-        if isinstance(module, nn.Embedding) and module is not embed and name.endswith(("wpe", "embed_positions")):
-            rows.append(module.weight)
-    for w in rows:  # [vocab, d]
+    for w in _embedding_rows(model):  # [vocab, d]
         w.copy_(_project_out(w, basis))
     for layer in layers:
         for proj in layer.out_projs:

@@ -86,8 +86,8 @@ def zero_neurons(
     """
     sites = list(sites) if sites is not None else find_mlps(model)
     mask.check(sites)
-    keep = {s.name: (~mask.masks[s.name]).to(device=s.down.weight.device) for s in sites}
-    active = {name for name, k in keep.items() if not k.all()} if not live else {s.name for s in sites}
+    keep = {} if live else {s.name: (~mask.masks[s.name]).to(device=s.down.weight.device) for s in sites}
+    active = {s.name for s in sites} if live else {name for name, k in keep.items() if not k.all()}
 
     def zero(site: MLPSite, acts: torch.Tensor) -> torch.Tensor | None:
         if site.name not in active or (when is not None and not when(site)):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safeneuron.artifacts import read_json, timestamp, write_json, write_text
+from safeneuron.artifacts import atomic_dir, read_json, timestamp, write_json, write_text
 from safeneuron.config import DEFAULT_CONFIG, ConfigError, RunConfig, from_dict, load_config_file, merge_run_settings
 from safeneuron.evaluation.metrics import detectable_difference, mcnemar_exact
 from safeneuron.pipeline import STAGES, run
@@ -110,11 +110,9 @@ def load_sweep(path: str | Path, **overrides: Any) -> SweepConfig:
 
 # --------------------------------------------------------------------------- sharing what arms have in common
 def _copy_tree(src: Path, dst: Path) -> None:
-    """``dst`` as a copy of ``src`` (hard links for immutable artifacts where possible)."""
+    """``dst`` as a copy of ``src`` (hard links where possible: the artifacts are immutable), atomically."""
     if dst.exists():
         return
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
 
     def link(s, d):
         try:
@@ -122,8 +120,8 @@ def _copy_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, tmp, copy_function=link)
-    tmp.rename(dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, copy_function=link, dirs_exist_ok=True)
 
 
 def _upstream_view(config: RunConfig) -> dict:
@@ -199,9 +197,8 @@ def _row(arm: str, seed: int, model: str, entry: dict, record: dict) -> dict:
     """One model of one arm: the headline numbers, with their intervals and per-prompt outcomes."""
     whitebox = ((entry.get("attacks") or {}).get("whitebox") or {}).get("points") or []
     iterative = entry.get("asr_iterative") or []
-    stages = record.get("stages") or {}
-    align_s = sum(v.get("first_run_wall_s", v.get("wall_s", 0)) for k, v in stages.items()
-                  if k == f"align/{model}")
+    stage = (record.get("stages") or {}).get(f"align/{model}") or {}
+    align_s = stage.get("first_run_wall_s", stage.get("wall_s", 0))
     return {
         "arm": arm, "seed": seed, "model": model,
         "asr": _rate(entry, "ori")[0], "asr_ci95": _rate(entry, "ori")[1],

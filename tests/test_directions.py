@@ -126,3 +126,24 @@ def test_direction_candidates_skip_positions_where_the_classes_cannot_differ():
     assert {(c.layer, c.position) for c in cands if c.layer == 0} == {(0, -3)}
     assert all(abs(float(c.direction.norm()) - 1) < 1e-4 for c in cands) and len(cands) == 3 * 3 - 2
     assert [c.separation for c in cands] == sorted((c.separation for c in cands), reverse=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_saving_the_orthogonalized_model_leaves_the_one_in_memory_as_it_was(family, tmp_path):
+    from safeneuron.models import LoadedModel
+    from safeneuron.stages.attack_direction import save_orthogonalized
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_model(family), make_tokenizer()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    basis = orthonormal(torch.randn(2, model.get_input_embeddings().weight.shape[1],
+                                    generator=torch.Generator().manual_seed(4)))
+    save_orthogonalized(LoadedModel(model, tok, "tiny", "tiny"), basis, tmp_path / "saved")
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    with ablate_directions(model, basis):
+        hooked, real = _hidden(model, tok)
+    saved, _ = _hidden(AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), tok)
+    assert torch.allclose(hooked.logits[real], saved.logits[real], atol=1e-4)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Rate", "wilson_interval", "rate_of", "curve_area", "mcnemar_exact", "detectable_difference"]
+__all__ = ["Rate", "wilson_interval", "rate_of", "curve_area", "mcnemar_exact", "detectable_difference", "ci_list"]
 
 #: Two-sided 95 % normal quantile.
 Z95 = 1.959963984540054
@@ -56,6 +56,12 @@ class Rate:
             return "n/a"
         lo, hi = self.ci95
         return f"{self.value:.1%} [{lo:.0%}, {hi:.0%}] (n={self.n})"
+
+
+def ci_list(rate: Rate) -> list[float] | None:
+    """``rate``'s 95 % Wilson interval as ``[lo, hi]`` rounded to 6 digits (results.json's form), None when n = 0."""
+    ci = rate.ci95
+    return [round(ci[0], 6), round(ci[1], 6)] if ci else None
 
 
 def rate_of(flags: Sequence[bool]) -> Rate:

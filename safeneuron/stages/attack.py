@@ -71,9 +71,8 @@ def save_pruned_model(loaded: LoadedModel, mask: SafetyNeuronMask, path: str | P
     mask goes along as ``pruned_neurons.safetensors``.
     """
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise AttackError(f"{path} exists and is not empty; choose another save directory or remove it",
-                          fields=("save",))
+    if not overwrite:
+        _refuse_nonempty_save(path)
     model = loaded.model
     sites = find_mlps(model)
     mask.check(sites)
@@ -99,6 +98,14 @@ def save_pruned_model(loaded: LoadedModel, mask: SafetyNeuronMask, path: str | P
                 s.down.weight.index_copy_(s.slices[-1].dim, idx, cols)
     logger.info("saved the model with %d neurons pruned to %s", mask.count(), path)
     return path
+
+
+def _refuse_nonempty_save(path: str | Path) -> None:
+    """An error for a ``--save`` directory that already holds files (checked before any work as well)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise AttackError(f"{path} exists and is not empty; choose another save directory or remove it",
+                          fields=("save",))
 
 
 def load_attack_mask(path: str | Path, neuron_set: str = "union") -> SafetyNeuronMask:
@@ -269,9 +276,8 @@ def _run_attack_kind(loaded, config: AttackConfig, out: Path, progress: bool, t_
     if config.save and config.kind != "direction":
         raise AttackError(f"--save writes a pruned or direction-ablated model; the {config.kind} attack has none",
                           fields=("save",))
-    if config.save and Path(config.save).exists() and any(Path(config.save).iterdir()):
-        raise AttackError(f"{config.save} exists and is not empty; choose another save directory or remove it",
-                          fields=("save",))
+    if config.save:
+        _refuse_nonempty_save(config.save)
     judge = load_judge(config.judge, device=config.device)
     id_config = attacker_config(loaded, config.identify, seed=config.seed, batch_size=config.batch_size)
     id_harmful, id_harmless = attacker_prompts(id_config)

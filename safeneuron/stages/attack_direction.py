@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from safeneuron.directions import ablate_directions, orthogonalize_weights, orthonormal, residual_activations, residual_layers
+from safeneuron.directions import (ablate_directions, orthogonalize_weights, orthonormal, residual_activations,
+                                   residual_layers, stream_writing_parameters)
 from safeneuron.models import save_model_dir
 from safeneuron.next_token import kl_divergence, next_token_logprobs, refusal_scores, refusal_token_ids
 from safeneuron.stages.conditions import AttackContext, AttackPlan, Condition
@@ -149,11 +150,8 @@ def save_orthogonalized(loaded, basis: torch.Tensor, path: str | Path, *, metada
     from safeneuron.artifacts import write_json
 
     model = loaded.model
-    params = {n: p for n, p in model.named_parameters()}
-    backup = {n: p.detach().clone() for n, p in params.items()
-              if n.endswith(("embed_tokens.weight", "wte.weight", "wpe.weight", "embed_positions.weight"))
-              or any(n.endswith(f"{proj}.{kind}") for proj in ("o_proj", "out_proj", "c_proj", "dense", "down_proj")
-                     for kind in ("weight", "bias"))}
+    edited = stream_writing_parameters(model)
+    backup = [t.detach().clone() for t in edited]
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     try:
@@ -166,9 +164,8 @@ def save_orthogonalized(loaded, basis: torch.Tensor, path: str | Path, *, metada
 
         save_model_dir(model, loaded.processor or loaded.tokenizer, path, write_extra=extra)
     finally:
-        for n, p in model.named_parameters():
-            if n in backup:
-                p.copy_(backup[n])
+        for tensor, saved in zip(edited, backup):
+            tensor.copy_(saved)
         if tied:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
             model.config.tie_word_embeddings = True

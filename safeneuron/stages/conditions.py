@@ -23,7 +23,7 @@ from safeneuron.config import AttackSuiteConfig, IdentifyConfig
 from safeneuron.data.prompts import PromptSet
 from safeneuron.evaluation.capability import perplexity
 from safeneuron.evaluation.measure import GenerationSettings, Judged, judged_responses
-from safeneuron.evaluation.metrics import Rate
+from safeneuron.evaluation.metrics import Rate, ci_list as _ci
 from safeneuron.hooks import prune_neurons
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.next_token import kl_divergence, next_token_logprobs
@@ -126,10 +126,6 @@ def _utility_reading(loaded, prompts: list[str], batch_size: int):
     logp = next_token_logprobs(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size)
     ppl, _ = perplexity(loaded.model, loaded.tokenizer, prompts, batch_size=max(1, batch_size // 2))
     return logp, ppl
-
-
-def _ci(rate: Rate) -> list[float] | None:
-    return [round(rate.ci95[0], 6), round(rate.ci95[1], 6)] if rate.ci95 else None
 
 
 def measure_plan(ctx: AttackContext, plan: AttackPlan, prompts: list[str], cache: Path) -> dict:

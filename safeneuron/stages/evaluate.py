@@ -48,7 +48,7 @@ from safeneuron.evaluation.capability import load_mc, mc_accuracy, perplexity, r
 from safeneuron.arch import find_mlps
 from safeneuron.evaluation.judges import Judge, RefusalJudge, load_judge, second_refusal_judge
 from safeneuron.evaluation.measure import GenerationSettings, Judged, judged_responses, model_tag
-from safeneuron.evaluation.metrics import Rate, curve_area, detectable_difference, mcnemar_exact
+from safeneuron.evaluation.metrics import Rate, curve_area, detectable_difference, mcnemar_exact, ci_list as _ci
 from safeneuron.evaluation.sets import (
     apply_template,
     load_eval_prompts,
@@ -80,11 +80,6 @@ def model_slug(name: str) -> str:
     """A directory name for a model name or path."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name).strip("/")).strip("_.")
     return slug[-80:] or "model"
-
-
-def _ci(rate: Rate) -> list[float] | None:
-    ci = rate.ci95
-    return [round(ci[0], 6), round(ci[1], 6)] if ci else None
 
 
 def given_masks(path: str | Path) -> dict:
