@@ -6,6 +6,10 @@
         process); variants alternate and each is repeated, the best median counts.
 (paired) the same comparison inside one process: masked and plain steps alternate (the freezer is
         installed / removed between steps), so both see the same machine load; robust on a busy machine.
+(precision) LoRA DPO step time, in one process on the same batches: today's fp32 step against bf16 autocast
+        (fp32 master weights) with and without precomputed reference log-probs, each masked, and the
+        masked/plain ratio under bf16. Goal: >= 2x faster than the fp32 step, masked/plain <= 1.10.
+        Variants run in alternating blocks (``--repeats``), the best block median counts.
 (round) wall time of one round of the default ``align`` (identification on the built-in prompts,
         default DPO schedule) on a model, full and LoRA: identification, step time and saving are
         measured; the DPO part of a default round is extrapolated from the measured step time
@@ -250,6 +254,78 @@ def run_paired(args) -> dict:
             "summary": out, "machine": machine()}
 
 
+# --------------------------------------------------------------------------- (precision) bf16 vs fp32 LoRA
+PRECISION_VARIANTS = {  # name -> (AlignConfig overrides, masked)
+    "fp32-masked": ({"bf16": False}, True),
+    "bf16-masked": ({"bf16": True}, True),
+    "bf16-precompute-masked": ({"bf16": True, "precompute_ref_log_probs": True}, True),
+    "bf16-plain": ({"bf16": True}, False),
+}
+
+
+def run_precision(args) -> dict:
+    """Median LoRA DPO step time per variant; all variants in one process, blocks alternate per repeat."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from safeneuron.config import AlignConfig
+    from safeneuron.masks import SafetyNeuronMask
+    from safeneuron.models import load_model
+    from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config
+
+    loaded = load_model(args.model, device="auto")
+    model, tok = loaded.model, loaded.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    steps = args.warmup + args.steps
+    pairs = preference_pairs(args.batch_size * steps)
+    mask = SafetyNeuronMask.random(model, frac=args.frac, seed=0)
+    rows = []
+    for repeat in range(args.repeats):
+        for name, (overrides, masked) in PRECISION_VARIANTS.items():
+            config = AlignConfig(max_steps=steps, per_device_train_batch_size=args.batch_size,
+                                 gradient_accumulation_steps=1, max_length=args.max_length, lora=True,
+                                 warmup_ratio=0.0, save_steps=10_000, **overrides)
+            dpo_args = dpo_config(config, tempfile.mkdtemp(prefix="bench_precision_"), progress=False)
+            dpo_args.save_strategy = "no"
+            times: list[float] = []
+
+            class Timer(TrainerCallback):
+                def on_step_begin(self, a, state, control, **kw):
+                    self.t0 = time.perf_counter()
+
+                def on_step_end(self, a, state, control, **kw):
+                    times.append(time.perf_counter() - self.t0)
+
+            t0 = time.perf_counter()
+            trainer = SafeNeuronDPOTrainer(model=model, args=dpo_args, train_dataset=pairs.to_trl(tok),
+                                           processing_class=tok, peft_config=lora_config(config),
+                                           frozen=mask if masked else None, callbacks=[Timer()])
+            setup_s = time.perf_counter() - t0  # includes the reference pass when precomputed
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            if masked:
+                trainer.freezer.remove()
+            model = trainer.model.unload() if hasattr(trainer.model, "unload") else trainer.model
+            measured = times[args.warmup:]
+            rows.append({"variant": name, "repeat": repeat, "step_s_median": statistics.median(measured),
+                         "step_s_all": measured, "setup_s": setup_s, "losses": losses})
+            print(f"  {name:>24}: {rows[-1]['step_s_median']:.3f} s/step (setup {setup_s:.1f} s), "
+                  f"losses {[round(x, 3) for x in losses]}", flush=True)
+            del trainer
+    best = {name: min(r["step_s_median"] for r in rows if r["variant"] == name) for name in PRECISION_VARIANTS}
+    summary = {"step_s": best,
+               "speedup_bf16_vs_fp32": best["fp32-masked"] / best["bf16-masked"],
+               "speedup_bf16_precompute_vs_fp32": best["fp32-masked"] / best["bf16-precompute-masked"],
+               "masked_plain_ratio_bf16": best["bf16-masked"] / best["bf16-plain"]}
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if k != "step_s"), flush=True)
+    return {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length,
+            "mask_fraction": args.frac, "warmup_steps": args.warmup, "steps": args.steps, "repeats": args.repeats,
+            "goal": {"speedup_vs_fp32": ">= 2", "masked_plain_ratio": "<= 1.10"}, "summary": summary,
+            "runs": rows, "machine": machine()}
+
+
 # --------------------------------------------------------------------------- (round) default align
 def run_round(args) -> dict:
     from safeneuron.config import AlignConfig
@@ -296,7 +372,7 @@ def run_round(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="step", help="comma-separated: step, paired, round")
+    p.add_argument("--parts", default="step", help="comma-separated: step, paired, precision, round")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1)
@@ -330,6 +406,8 @@ def main() -> None:
             value = run_paired(args)
         elif part == "round":
             value = run_round(args)
+        elif part == "precision":
+            value = run_precision(args)
         else:
             raise SystemExit(f"unknown part {part!r}")
         value["wall_s"] = time.perf_counter() - t0

@@ -41,6 +41,8 @@ RUNS = {
     "direction": ("direction", {"direction_ranks": [1, 2, 4]}, False),
     "best_neuron": ("best_neuron", {"best_neuron_counts": [1, 4, 16]}, False),
     "probe": ("probe", {}, False),
+    "finetune-k50": ("finetune", {"finetune_examples": [50], "finetune_epochs": 1, "finetune_prompts": str(ADVBENCH)},
+                     False),
     "finetune-advbench": ("finetune", {"finetune_examples": [10, 50, 100], "finetune_prompts": str(ADVBENCH)}, False),
     "transfer": ("transfer", {}, True),
     "whitebox": ("whitebox", {}, True),

@@ -297,6 +297,29 @@ def settings_hash(obj, exclude: tuple[str, ...] = ()) -> str:
 
 
 # --------------------------------------------------------------------------- alignment (issue 4)
+#: DPOConfig fields safeneuron sets from its own options; a ``dpo`` table may not set them.
+DPO_RESERVED = {"output_dir": "--out", "use_cpu": "device", "disable_tqdm": "--no-progress"}
+
+
+def check_dpo_passthrough(table) -> None:
+    """The ``dpo`` table names DPOConfig fields (TRL is imported only when the table is not empty)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"dpo is a table of DPOConfig fields, got {type(table).__name__}", fields=("dpo",))
+    if not table:
+        return
+    from trl import DPOConfig
+
+    names = [f.name for f in fields(DPOConfig)]
+    for key in table:
+        if key in DPO_RESERVED:
+            raise ConfigError(f"dpo.{key} is set by safeneuron; use {DPO_RESERVED[key]}", fields=("dpo",))
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"dpo.{key}: not a DPOConfig field" + (f"; did you mean {close[0]!r}?" if close else ""),
+                              fields=("dpo",))
+
+
+
 ALIGN_MODES = typing.get_args(AlignMode)
 
 
@@ -399,13 +422,20 @@ class AlignConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     bf16: bool | None = None
-    """bf16 mixed precision; None = on when training on a GPU."""
+    """bf16 autocast with float32 master weights; None = on a GPU. On a CPU with AVX512-BF16/AMX ``true`` makes LoRA
+    DPO steps 1.9x faster than float32 (2-core EPYC, ``bench_align.py --parts precision``) but it is not the CPU
+    default: a round resumed from a checkpoint then differs from an uninterrupted one in the last digits."""
     precompute_ref_log_probs: bool = False
     """TRL's ``precompute_ref_log_probs``: the reference's log-probs of every pair computed once before training,
     saving a forward pass per step (the reference is fixed within a round). Not with ``ref_ablated`` (TRL
     precomputes outside the training passes the ablation applies to)."""
     group_by_length: bool = False
     """Batches of pairs of similar length (transformers' ``group_by_length`` sampler): less padding per step."""
+    dpo: dict = field(default_factory=dict)
+    """Any field of TRL's ``DPOConfig`` passed through as it is (``loss_type``, ``optim``, ``report_to``,
+    ``logging_steps``, ``run_name``, ``use_liger_kernel``, ...): a ``[align.dpo]`` table, ``--dpo.KEY VALUE``, or
+    ``align(..., dpo_args=DPOConfig(...))``. It overrides what safeneuron derives from the fields above, except
+    ``output_dir`` (``--out``), ``use_cpu`` (``device``) and ``disable_tqdm`` (``--no-progress``)."""
     save_steps: int = 20
     """Checkpoint every this many optimizer steps inside a round (resume after a kill)."""
     keep_checkpoints: bool = False
@@ -442,6 +472,7 @@ class AlignConfig:
         if not isinstance(self.reidentify_every, int) or self.reidentify_every < 0:
             raise ConfigError(f"reidentify_every is a number of optimizer steps >= 0, got {self.reidentify_every!r}",
                               fields=("reidentify_every",))
+        check_dpo_passthrough(self.dpo)
         if self.precompute_ref_log_probs and self.ref_ablated:
             raise ConfigError("precompute_ref_log_probs computes the reference outside training passes, where "
                               "ref_ablated's ablation does not apply; choose one", fields=("precompute_ref_log_probs",))
@@ -1115,6 +1146,37 @@ class RunConfig:
         return from_dict(cls, values, where=f"[{stage}]")
 
 
+def toml_value(value) -> str:
+    """One TOML value (bool, number, string, list of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if math.isfinite(value) else ("nan" if value != value else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):
+        import json
+
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in value) + "]"
+    raise TypeError(f"no TOML value for {type(value).__name__}")
+
+
+def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """``data`` as TOML: plain keys first, then a ``[table]`` per nested dict; ``None`` values are left out (TOML
+    has no null) and empty tables too."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            name = f"{prefix}.{key}" if prefix else key
+            out += f"\n[{name}]\n" + dump_toml(value, name)
+    return out
+
+
+#: The run-wide keys of a run config that every stage taking them inherits.
+RUN_WIDE = ("model", "seed", "dtype", "device")
+
+
 def merge_run_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``over`` layered on ``base`` (run-config dicts): stage sections and their nested tables merged key by key,
     each section's old keys routed to their fields first (so ``identify_prompts`` over ``[evaluate.identify]
@@ -1133,9 +1195,26 @@ def merge_run_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, 
     return merge(routed[id(base)], routed[id(over)])
 
 
+def read_run_settings(path: str | Path | None = None) -> dict[str, Any]:
+    """The run settings of a TOML/YAML file layered over the packaged main job (``configs/default.toml``): a key
+    the file leaves out keeps the main job's value, a table the file gives is merged key by key
+    (:func:`merge_run_settings`), a list replaces the main job's list. No file: the main job itself."""
+    data = load_config_file(DEFAULT_CONFIG)
+    if path is None or Path(path).resolve() == DEFAULT_CONFIG.resolve():
+        return data
+    user = load_config_file(path)
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: expected a table of settings at the top, got {type(user).__name__}")
+    for name in stage_classes():
+        if name in user and not isinstance(user[name], dict):
+            raise ConfigError(f"{path}: [{name}] must be a table of settings, got {type(user[name]).__name__}")
+    return merge_run_settings(data, user)
+
+
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """Read a TOML/YAML run config (default: the packaged default file) and apply overrides."""
-    data = load_config_file(path or DEFAULT_CONFIG)
+    """The main job's settings: a TOML/YAML file layered over the packaged default (:func:`read_run_settings`),
+    then ``overrides`` (run-wide keys, e.g. ``out`` from ``--out``)."""
+    data = read_run_settings(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     if data.get("long"):  # the long profile's run-wide keys (its stage tables apply in stage_config)
         data.update({k: v for k, v in LONG.items() if not isinstance(v, dict)})
@@ -1143,5 +1222,5 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     return config
 
 
-__all__ += ["RunConfig", "load_run_config", "merge_run_settings", "stage_classes", "STAGES", "DEFAULT_CONFIG", "QUICK_CONFIG", "MAIN_JOB",
+__all__ += ["RunConfig", "load_run_config", "read_run_settings", "merge_run_settings", "RUN_WIDE", "dump_toml", "toml_value", "stage_classes", "STAGES", "DEFAULT_CONFIG", "QUICK_CONFIG", "MAIN_JOB",
             "QUICK", "LONG", "LONG_CONFIG"]

@@ -9,6 +9,7 @@ TRL's and peft's configs from an :class:`~safeneuron.config.AlignConfig`.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 
@@ -153,7 +154,9 @@ def training_dtype(config: AlignConfig) -> str:
 
 def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None = None, progress: bool = True,
                n_pairs: int | None = None, world_size: int = 1) -> "DPOConfig":
-    """TRL's ``DPOConfig`` for one round of ``config`` (CPU when no GPU; bf16 autocast on a GPU; no reporting).
+    """TRL's ``DPOConfig`` for one round of ``config`` (CPU when no GPU; bf16 autocast on a GPU or when
+    ``config.bf16`` asks; no reporting
+    unless ``config.dpo`` sets ``report_to``; any field of ``config.dpo`` overrides the derived one).
 
     ``n_pairs`` (the round's pairs) sizes the warmup in whole steps (:func:`warmup_steps`); without it
     there is no warmup unless ``max_steps`` fixes the round's length.
@@ -162,7 +165,7 @@ def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None 
     on_gpu = device.type == "cuda"
     bf16 = on_gpu if config.bf16 is None else config.bf16
     steps = optimizer_steps(config, n_pairs, world_size) if n_pairs is not None or config.max_steps > 0 else 0
-    return DPOConfig(
+    derived = dict(
         output_dir=str(output_dir),
         beta=config.beta,
         learning_rate=config.learning_rate,
@@ -191,6 +194,20 @@ def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None 
         precompute_ref_log_probs=config.precompute_ref_log_probs,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
     )
+    return DPOConfig(**{**derived, **config.dpo})  # the ``dpo`` table passes any other DPOConfig field through
+
+
+def dpo_overrides(dpo_args: "DPOConfig") -> dict:
+    """The fields of a user's ``DPOConfig`` that differ from TRL's defaults, as an ``AlignConfig.dpo`` table (the
+    ones safeneuron sets itself, e.g. ``output_dir``, left out)."""
+    from dataclasses import fields as dataclass_fields
+
+    from safeneuron.config import DPO_RESERVED
+
+    default = DPOConfig(output_dir=dpo_args.output_dir, use_cpu=dpo_args.use_cpu)  # TRL refuses bf16 on a CPU otherwise
+    return {f.name: value.value if isinstance(value, enum.Enum) else value for f in dataclass_fields(DPOConfig)
+            if f.init and f.name not in DPO_RESERVED
+            and (value := getattr(dpo_args, f.name)) != getattr(default, f.name)}
 
 
 def lora_config(config: AlignConfig):

@@ -8,7 +8,6 @@ defaults: the dataclass defaults, except where MAIN_JOB sets a budget for this r
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from safeneuron.cli.flags import field_docs  # noqa: E402
-from safeneuron.config import INHERITED, MAIN_JOB, RunConfig, stage_classes  # noqa: E402
+from safeneuron.config import INHERITED, MAIN_JOB, RunConfig, stage_classes, toml_value  # noqa: E402
 
 HEADER = """\
 # safeneuron main job (`safeneuron run --config FILE`): every option of every stage.
@@ -31,18 +30,6 @@ HEADER = """\
 # the old flat keys (e.g. `tau_es` in [align]) are accepted too.
 # `--quick` overrides the sizes below with its own small profile (configs/quick.toml).
 """
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(type(v))
 
 
 def field_default(f):

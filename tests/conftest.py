@@ -100,6 +100,8 @@ def tiny_dir(tmp_path_factory):
 
 #: A main-job config sized for a tiny model: every stage runs in seconds.
 TINY_RUN = """
+# layered over the packaged main job (configs/default.toml): the keys below keep the tiny run at the stages'
+# own defaults where the main job sets a budget
 model = "{model}"
 quick = true
 modes = ["safeneuron", "dpo"]
@@ -107,11 +109,17 @@ modes = ["safeneuron", "dpo"]
 max_prompts = 16
 batch_size = 8
 tau_es = 0.5
+by_category = false
+verify = false
 [prefs]
 n_harmful = 6
 n_harmless = 4
 max_new_tokens = 8
+batch_size = 8
 [align]
+lora = false
+learning_rate = 5e-6
+num_train_epochs = 3.0
 max_pairs = 8
 max_steps = 2
 per_device_train_batch_size = 2
@@ -123,14 +131,19 @@ tau_es = 0.5
 n_harmful = 6
 n_harmless = 4
 n_xstest = 4
+templates = ["prefix_injection", "refusal_suppression", "role_play", "payload_splitting"]
 n_template_prompts = 3
 n_sweep_prompts = 4
 n_redteam = 2
 identify_prompts = 12
 max_new_tokens = 6
 n_ppl = 4
+dtype = "auto"
+[evaluate.attacks]
+kinds = []
 [analyze]
 max_prompts = 12
+n_splits = 3
 n_orders = 10
 """
 

@@ -38,8 +38,21 @@ def _flag_spelling(err: SafeneuronError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safeneuron.cli.commands import COMMANDS
+    from safeneuron.cli.flags import normalise_flag_spelling, table_fields, take_table_flags
+
     parser = build_parser()
+    argv = normalise_flag_spelling(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    try:
+        argv, tables = take_table_flags(argv, sorted({t for c in COMMANDS if c.config for t in table_fields(c.config)}))
+    except SafeneuronError as err:
+        parser.error(str(err))
     args = parser.parse_args(argv)
+    config = next((c.config for c in COMMANDS if c.name == args.command), None)
+    unknown = [f"--{t}.*" for t in tables if config is None or t not in table_fields(config)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} ({args.command} takes no such table)")
+    args.tables = tables
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):

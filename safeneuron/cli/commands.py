@@ -145,6 +145,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from safeneuron.config import ConfigError, dump_toml, load_run_config, stage_classes
+
+    config = load_run_config(args.config, out=args.out, quick=True if args.quick else None,
+                             long=True if args.long else None)
+    config.validate()
+    stages = list(stage_classes())
+    if args.stage and args.stage not in stages:
+        raise ConfigError(f"--stage: unknown stage {args.stage!r}; stages are {', '.join(stages)}")
+    run_wide = {k: v for k, v in asdict(config).items() if k not in stages}
+    effective = {} if args.stage else dict(run_wide)
+    for stage in [args.stage] if args.stage else stages:
+        effective[stage] = asdict(config.stage_config(stage))
+    print(f"# the effective settings of `safeneuron run{' --config ' + args.config if args.config else ''}"
+          f"{' --quick' if args.quick else ''}{' --long' if args.long else ''}`: the packaged main job, the file "
+          "layered over it, then the profile; unset values are left out")
+    print(dump_toml(effective), end="")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from safeneuron import embedded
 
@@ -205,6 +227,15 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", nargs="+", default=None, help="training seeds per arm (replaces the grid's)")
 
 
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["dump"], help="dump: print the effective main-job config as TOML")
+    p.add_argument("--config", default=None, help="TOML/YAML run config layered over the packaged main job")
+    p.add_argument("--out", default=None, help="run directory, as `run --out` would set it")
+    p.add_argument("--quick", action="store_true", help="with the quick profile")
+    p.add_argument("--long", action="store_true", help="with the long profile")
+    p.add_argument("--stage", default=None, help="print only this stage's section")
+
+
 def _report_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="main-job directory (or one stage's output directory)")
     p.add_argument("--out", default=None, help="HTML file to write (default: DIR/report.html; summary.md beside it)")
@@ -248,6 +279,8 @@ COMMANDS: tuple[Command, ...] = (
             None, _run_flags),
     Command("sweep", "the experiment harness: named arms of the main job on the same prompts, one table", cmd_sweep,
             None, _sweep_flags),
+    Command("config", "print the effective config (`config dump`): packaged defaults, your file, the profile",
+            cmd_config, None, _config_flags, progress=False),
     Command("models", "list or pull the embedded models", cmd_models, None, _models_flags, progress=False),
 )
 
@@ -257,6 +290,9 @@ def add_commands(subparsers) -> None:
     for command in COMMANDS:
         p = subparsers.add_parser(command.name, help=command.help)
         if command.config is not None:
+            p.add_argument("--config", default=None,
+                           help=f"TOML/YAML file of {command.name} settings (its keys, or a run config's "
+                                f"[{command.name}] table); flags given override it")
             add_config_flags(p, command.config)
         if command.flags is not None:
             command.flags(p)

@@ -11,12 +11,14 @@ import ast
 import dataclasses
 import inspect
 import textwrap
+import tomllib
 import types
 import typing
 
-from safeneuron.config import INHERITED, from_dict
+from safeneuron.config import INHERITED, RUN_WIDE, ConfigError, from_dict, load_config_file
 
-__all__ = ["field_docs", "add_config_flags", "config_from_args"]
+__all__ = ["field_docs", "add_config_flags", "config_from_args", "file_settings", "normalise_flag_spelling",
+           "table_fields", "take_table_flags"]
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -76,7 +78,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
     for old, new in getattr(cls, "ALIASES", {}).items():
         aliases.setdefault(new, []).append("--" + old.replace("_", "-"))
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or hints[f.name] is dict:  # a table field is given as --<field>.KEY VALUE
             continue
         if dataclasses.is_dataclass(hints[f.name]):  # a nested config: one flag per field
             sub, sub_docs, sub_hints = hints[f.name], field_docs(hints[f.name]), typing.get_type_hints(hints[f.name])
@@ -93,14 +95,86 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
                   _base_type(hints[f.name]), _default(f), docs.get(f.name, ""))
 
 
+def file_settings(path, stage: str, cls) -> dict:
+    """A stage's settings from a TOML/YAML file given to ``--config``: the file's ``[<stage>]`` table with the
+    run-wide keys (``model``, ``seed``, ``dtype``, ``device``) the stage takes, when the file is a run config
+    holding one; else the file's top-level keys, TRL style (``align.yaml`` holding ``learning_rate: 1e-5``)."""
+    data = load_config_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings at the top, got {type(data).__name__}")
+    section = data.get(stage)
+    if not isinstance(section, dict) or stage in {f.name for f in dataclasses.fields(cls)}:
+        return data
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {**{k: v for k, v in data.items() if k in RUN_WIDE and k in names}, **section}
+
+
+def normalise_flag_spelling(argv: list[str]) -> list[str]:
+    """``--lora_r 8`` read as ``--lora-r 8`` (TRL and HfArgumentParser spell flags with underscores): the option
+    name of every ``--name[=value]`` token with ``_`` in it; values are left as they are, ``--`` ends options."""
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + argv[i:]
+        if token.startswith("--") and "_" in token.partition("=")[0]:
+            name, eq, value = token.partition("=")
+            token = name.replace("_", "-") + eq + value
+        out.append(token)
+    return out
+
+
+def table_fields(cls) -> list[str]:
+    """The config's free-form table fields (``AlignConfig.dpo``), given on the command line as ``--dpo.KEY VALUE``."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if hints[f.name] is dict]
+
+
+def _literal(text: str):
+    """A flag's value read as a TOML literal (``5e-6``, ``true``, ``["tensorboard"]``), else as the string given."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def take_table_flags(argv: list[str], tables: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """``argv`` without its ``--<table>.KEY VALUE`` / ``--<table>.KEY=VALUE`` pairs, and those pairs by table
+    (``--dpo.loss-type ipo`` -> ``{"dpo": {"loss_type": "ipo"}}``)."""
+    rest: list[str] = []
+    taken: dict[str, dict] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        table, dot, key = token[2:].partition(".") if token.startswith("--") else ("", "", "")
+        if dot and table in tables and key:
+            key, eq, value = key.partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{token} needs a value")
+                value, i = argv[i + 1], i + 1
+            taken.setdefault(table, {})[key.replace("-", "_")] = _literal(value)
+        else:
+            rest.append(token)
+        i += 1
+    return rest, taken
+
+
 def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
-    """Config from a base dict (e.g. a config file) overridden by the flags given."""
+    """Config from a base dict, else the command's ``--config`` file (:func:`file_settings`), overridden by the
+    flags given; what neither sets keeps the dataclass default."""
+    if base is None and getattr(args, "config", None):
+        base = file_settings(args.config, getattr(args, "command", None) or "", cls)
     values = dict(base or {})
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             given = {g.name: getattr(args, f"{f.name}.{g.name}") for g in dataclasses.fields(hints[f.name])
                      if getattr(args, f"{f.name}.{g.name}", None) is not None}
+            if given:
+                values[f.name] = {**values.get(f.name, {}), **given}
+            continue
+        if f.name in table_fields(cls):
+            given = getattr(args, "tables", {}).get(f.name)
             if given:
                 values[f.name] = {**values.get(f.name, {}), **given}
             continue

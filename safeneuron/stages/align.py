@@ -54,7 +54,7 @@ from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model, processor_of, save_model_dir, weights_hash
 from safeneuron.stages.identify import Identification, OutputDirError, identify
 from safeneuron.stages.prefs import synthesize_preferences
-from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, lora_config, training_dtype
+from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, dpo_overrides, lora_config, training_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ __all__ = ["AlignResult", "align", "AlignOutputError"]
 
 # AlignConfig fields that do not change the result (excluded from the run key).
 _NOT_RESULT = ("device", "save_steps", "keep_checkpoints", "trust_remote_code")
+# DPOConfig fields of the ``dpo`` table that only log or publish (a run resumes with tracking switched on).
+_DPO_NOT_RESULT = ("report_to", "run_name", "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
+                   "project", "trackio_space_id", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+                   "hub_private_repo")
 
 
 class AlignOutputError(SafeneuronError):
@@ -70,9 +74,11 @@ class AlignOutputError(SafeneuronError):
 
 # --------------------------------------------------------------------------- helpers
 def _unpatch(model: nn.Module) -> nn.Module:
-    """Drop TRL's instance-level fused-LM-head ``forward`` so the model is a plain transformers model again."""
+    """Drop the instance-level ``forward`` TRL (fused LM head) and accelerate (mixed-precision autocast, which keeps
+    the one it wrapped as ``_original_forward``) put on the model, so it is a plain transformers model again."""
     for m in (model, unwrap_peft(model)):
         m.__dict__.pop("forward", None)
+        m.__dict__.pop("_original_forward", None)
     return model
 
 
@@ -214,7 +220,8 @@ class AlignResult:
 
 def _run_key(config: AlignConfig, prefs: PreferenceSet, whash: str | None, loaded: LoadedModel) -> str:
     images = [images_sha256(prefs.pairs)] if pairs_have_images(prefs.pairs) else []  # pixels are data too
-    return sha256_text(settings_hash(config, _NOT_RESULT), prefs.sha256, str(whash or loaded.path), *images)[:16]
+    keyed = dataclasses.replace(config, dpo={k: v for k, v in config.dpo.items() if k not in _DPO_NOT_RESULT})
+    return sha256_text(settings_hash(keyed, _NOT_RESULT), prefs.sha256, str(whash or loaded.path), *images)[:16]
 
 
 def _completed_rounds(out: Path, run_key: str, rounds: int) -> int:
@@ -577,6 +584,9 @@ def _complete_round(run: _Run, rdir: Path, metrics: dict, record: SafetyNeuronMa
     config = run.config
     if run.main:
         write_json(rdir / "metrics.json", metrics)
+        if (rdir / "trainer" / "runs").is_dir():  # tracking logs (report_to=tensorboard) outlive the checkpoints
+            shutil.rmtree(rdir / "runs", ignore_errors=True)
+            os.replace(rdir / "trainer" / "runs", rdir / "runs")
         if not config.keep_checkpoints:
             shutil.rmtree(rdir / "trainer", ignore_errors=True)
     barrier()
@@ -627,6 +637,7 @@ def align(
     overwrite: bool = False,
     progress: bool = True,
     callbacks: Sequence[Any] = (),
+    dpo_args: Any = None,
 ) -> AlignResult:
     """Run ``config.rounds`` rounds of identify -> freeze -> DPO and write the artifacts to ``out``.
 
@@ -638,12 +649,16 @@ def align(
             the starting weights in the run key.
         overwrite: replace another run's artifacts in ``out``.
         callbacks: extra transformers ``TrainerCallback`` objects for every round.
+        dpo_args: a TRL ``DPOConfig`` whose fields that differ from TRL's defaults are passed through to every
+            round (layered over ``config.dpo``; see :func:`safeneuron.trainer.dpo_overrides`).
 
     A killed run resumes: completed rounds (``round_r/metrics.json`` with the same run
     key) are skipped, and a round restarts from its last trainer checkpoint; with the
     same seed the result equals an uninterrupted run's.
     """
     config = (config or AlignConfig()).resolved()
+    if dpo_args is not None:
+        config.dpo = {**config.dpo, **dpo_overrides(dpo_args)}
     config.validate()
     out = Path(out)
     t_start = time.perf_counter()

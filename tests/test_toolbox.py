@@ -1,0 +1,127 @@
+"""The Hugging Face toolbox conventions (issue 19): configs layered over the packaged defaults, TRL-style
+flags and files, DPOConfig passed through."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+
+import pytest
+
+from safeneuron.cli import main
+from safeneuron.config import QUICK, AlignConfig, ConfigError, IdentifyConfig, load_run_config, stage_classes
+
+
+def _parse(command: str, argv: list[str]) -> argparse.Namespace:
+    """The CLI's own parsing of ``safeneuron <command> argv`` (spellings normalised, tables taken)."""
+    from safeneuron.cli import build_parser
+    from safeneuron.cli.flags import normalise_flag_spelling, take_table_flags
+
+    argv, tables = take_table_flags(normalise_flag_spelling([command, *argv]), ["dpo"])
+    args = build_parser().parse_args(argv)
+    args.tables = tables
+    return args
+
+
+def test_a_user_file_with_one_key_keeps_every_other_main_job_value(tmp_path):
+    user = tmp_path / "my.toml"
+    user.write_text("[align]\nrounds = 3\n")
+    mine, packaged = load_run_config(user), load_run_config()
+    for stage in stage_classes():
+        ours, theirs = dataclasses.asdict(mine.stage_config(stage)), dataclasses.asdict(packaged.stage_config(stage))
+        if stage == "align":
+            assert (ours.pop("rounds"), theirs.pop("rounds")) == (3, 2)
+        assert ours == theirs, stage
+    # the packaged main job's budget, not the dataclass defaults (32 pairs at lr 1e-4 with LoRA, not 5e-6 full)
+    align = mine.stage_config("align")
+    assert (align.max_pairs, align.learning_rate, align.lora) == (32, 1e-4, True)
+    assert AlignConfig().learning_rate == 5e-6 and not AlignConfig().lora
+    # a nested table merges key by key; a list replaces the packaged one
+    user.write_text("[evaluate.attacks]\nkinds = [\"prefill\"]\n[evaluate.identify]\ntau_es = 0.7\n")
+    evaluate = load_run_config(user).stage_config("evaluate")
+    assert evaluate.attacks.kinds == ["prefill"] and evaluate.attacks.finetune_examples == [10]
+    assert (evaluate.identify.tau_es, evaluate.identify.max_prompts) == (0.7, 48)
+
+
+def test_config_dump_prints_the_effective_config_as_toml(tmp_path, capsys):
+    user = tmp_path / "my.yaml"
+    user.write_text("align:\n  rounds: 4\nevaluate:\n  n_harmful: 7\n")
+    assert main(["config", "dump", "--config", str(user)]) == 0
+    dumped = tomllib.loads(capsys.readouterr().out)
+    assert dumped["align"]["rounds"] == 4 and dumped["evaluate"]["n_harmful"] == 7
+    assert dumped["align"]["max_pairs"] == 32 and dumped["evaluate"]["identify"]["max_prompts"] == 48
+    assert dumped["modes"] == ["safeneuron", "dpo"]
+    assert main(["config", "dump", "--quick", "--stage", "prefs"]) == 0
+    quick = tomllib.loads(capsys.readouterr().out)
+    assert list(quick) == ["prefs"] and quick["prefs"]["n_harmful"] == QUICK["prefs"]["n_harmful"] == 12
+    assert main(["config", "dump", "--stage", "alig"]) == 2
+    assert "unknown stage 'alig'" in capsys.readouterr().err
+
+
+def test_flags_take_dashes_or_underscores_and_a_stage_reads_its_own_config_file(tmp_path):
+    dashes, underscores = _parse("align", ["--lora-r", "8", "--identify.max-prompts", "5"]), \
+        _parse("align", ["--lora_r", "8", "--identify.max_prompts=5"])
+    from safeneuron.cli.flags import config_from_args
+
+    a, b = config_from_args(AlignConfig, dashes), config_from_args(AlignConfig, underscores)
+    assert a == b and (a.lora_r, a.identify.max_prompts) == (8, 5)
+    # a flat TRL-style file of the stage's keys; flags given override it
+    flat = tmp_path / "identify.yaml"
+    flat.write_text("tau_es: 0.9\nmax_prompts: 12\n")
+    config = config_from_args(IdentifyConfig, _parse("identify", ["--config", str(flat), "--max-prompts", "20"]))
+    assert (config.tau_es, config.max_prompts) == (0.9, 20)
+    # a run config: the stage's table and the run-wide keys the stage takes
+    run = tmp_path / "run.toml"
+    run.write_text("seed = 7\nout = 'x'\n[identify]\ntau_es = 0.4\n[align]\nrounds = 5\n")
+    assert (config_from_args(IdentifyConfig, _parse("identify", ["--config", str(run)])).tau_es,
+            config_from_args(IdentifyConfig, _parse("identify", ["--config", str(run)])).seed) == (0.4, 7)
+    assert config_from_args(AlignConfig, _parse("align", ["--config", str(run)])).rounds == 5
+
+
+def test_dpo_table_reaches_trls_dpo_config(tmp_path):
+    from safeneuron.cli.flags import config_from_args
+    from safeneuron.trainer import dpo_config
+
+    args = _parse("align", ["--dpo.loss_type", "ipo", "--dpo.logging-steps=5", "--dpo.report_to", '["none"]'])
+    config = config_from_args(AlignConfig, args)
+    assert config.dpo == {"loss_type": "ipo", "logging_steps": 5, "report_to": ["none"]}
+    trl_args = dpo_config(config, tmp_path / "out")
+    assert (trl_args.loss_type, trl_args.logging_steps, trl_args.report_to) == (["ipo"], 5, [])
+    assert trl_args.learning_rate == config.learning_rate  # what the table leaves alone is still derived
+    # the same from a file's [align.dpo] table, and from a DPOConfig object
+    run = tmp_path / "run.toml"
+    run.write_text("[align]\nrounds = 1\n[align.dpo]\nloss_type = \"hinge\"\n")
+    assert load_run_config(run).stage_config("align").dpo == {"loss_type": "hinge"}
+    from trl import DPOConfig
+
+    from safeneuron.trainer import dpo_overrides
+
+    user = DPOConfig(output_dir=str(tmp_path / "u"), use_cpu=True, loss_type="robust", run_name="r1")
+    assert dpo_overrides(user) == {"loss_type": ["robust"], "run_name": "r1"}
+
+
+def test_dpo_table_errors_name_the_field(capsys):
+    with pytest.raises(ConfigError, match=r"dpo.loss_typo: not a DPOConfig field; did you mean 'loss_type'"):
+        AlignConfig(dpo={"loss_typo": "ipo"}).validate()
+    with pytest.raises(ConfigError, match=r"dpo.output_dir is set by safeneuron; use --out"):
+        AlignConfig(dpo={"output_dir": "x"}).validate()
+    assert main(["align", "--dpo.loss_typo", "ipo"]) == 2
+    assert "did you mean 'loss_type'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["identify", "--dpo.loss_type", "ipo"])
+    assert exit_info.value.code == 2
+    assert "identify takes no such table" in capsys.readouterr().err
+
+
+def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_dir):
+    pytest.importorskip("tensorboard")
+    from safeneuron.stages.align import align
+
+    config = AlignConfig(model=str(tiny_dir), mode="dpo", max_steps=1, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=1, max_length=64, save_steps=10,
+                         dpo={"report_to": ["tensorboard"], "run_name": "tiny"})
+    pairs = [{"prompt": "How do I pick a lock?", "chosen": "I can't help with that.", "rejected": "First, take a pin."}] * 4
+    align(config, pairs, tmp_path / "align", progress=False)
+    events = list((tmp_path / "align" / "round_1" / "runs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0  # kept beside the round after its checkpoints are removed
