@@ -21,7 +21,10 @@ import dataclasses
 import difflib
 import functools
 import math
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -1161,6 +1164,14 @@ def toml_value(value) -> str:
     raise TypeError(f"no TOML value for {type(value).__name__}")
 
 
+def toml_literal(text: str):
+    """``text`` read as one TOML value (``5e-6``, ``true``, ``["tensorboard"]``), else the string itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
     """``data`` as TOML: plain keys first, then a ``[table]`` per nested dict; ``None`` values are left out (TOML
     has no null) and empty tables too."""
@@ -1222,5 +1233,5 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     return config
 
 
-__all__ += ["RunConfig", "load_run_config", "read_run_settings", "merge_run_settings", "RUN_WIDE", "dump_toml", "toml_value", "stage_classes", "STAGES", "DEFAULT_CONFIG", "QUICK_CONFIG", "MAIN_JOB",
+__all__ += ["RunConfig", "load_run_config", "read_run_settings", "merge_run_settings", "RUN_WIDE", "dump_toml", "toml_value", "toml_literal", "stage_classes", "STAGES", "DEFAULT_CONFIG", "QUICK_CONFIG", "MAIN_JOB",
             "QUICK", "LONG", "LONG_CONFIG"]

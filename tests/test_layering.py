@@ -17,7 +17,7 @@ import pytest
 PACKAGE_DIR = Path(__file__).parent.parent / "safeneuron"
 
 # Floors above core (0), by the package's top-level name; everything else is core.
-FLOORS = {"report": 1, "stages": 2, "pipeline": 3, "sweep": 3, "cli": 4}
+FLOORS = {"report": 1, "stages": 2, "pipeline": 3, "sweep": 3, "api": 3, "cli": 4}
 FLOOR_NAMES = ["core", "report", "stages", "pipeline", "cli"]
 DATA_MAY_IMPORT = ("errors", "artifacts", "data")
 MODEL_LIBRARIES = {"torch", "transformers"}

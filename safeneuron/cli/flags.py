@@ -11,11 +11,10 @@ import ast
 import dataclasses
 import inspect
 import textwrap
-import tomllib
 import types
 import typing
 
-from safeneuron.config import INHERITED, RUN_WIDE, ConfigError, from_dict, load_config_file
+from safeneuron.config import INHERITED, RUN_WIDE, ConfigError, from_dict, load_config_file, toml_literal
 
 __all__ = ["field_docs", "add_config_flags", "config_from_args", "file_settings", "normalise_flag_spelling",
            "table_fields", "take_table_flags"]
@@ -129,14 +128,6 @@ def table_fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if hints[f.name] is dict]
 
 
-def _literal(text: str):
-    """A flag's value read as a TOML literal (``5e-6``, ``true``, ``["tensorboard"]``), else as the string given."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def take_table_flags(argv: list[str], tables: list[str]) -> tuple[list[str], dict[str, dict]]:
     """``argv`` without its ``--<table>.KEY VALUE`` / ``--<table>.KEY=VALUE`` pairs, and those pairs by table
     (``--dpo.loss-type ipo`` -> ``{"dpo": {"loss_type": "ipo"}}``)."""
@@ -152,7 +143,7 @@ def take_table_flags(argv: list[str], tables: list[str]) -> tuple[list[str], dic
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{token} needs a value")
                 value, i = argv[i + 1], i + 1
-            taken.setdefault(table, {})[key.replace("-", "_")] = _literal(value)
+            taken.setdefault(table, {})[key.replace("-", "_")] = toml_literal(value)
         else:
             rest.append(token)
         i += 1
