@@ -25,6 +25,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 __all__ = ["IdentifyConfig", "ConfigError", "from_dict", "load_config_file", "settings_hash", "check_choices",
-           "apply_profile", "Position", "NeuronSet"]
+           "check_values", "check_lists", "check_range", "check_device", "apply_profile", "Position", "NeuronSet"]
 
 Position = Literal["max", "last", "mean"]
 """Token pooling per prompt: ``max`` over its tokens, the ``last`` token (end of the generation prompt), ``mean``."""
@@ -61,14 +62,143 @@ def _choices(tp) -> tuple | None:
 
 
 def check_choices(config) -> None:
-    """Raise :class:`ConfigError` for a ``Literal`` field holding another value (None passes where allowed)."""
+    """Raise :class:`ConfigError` for a value that does not fit its field (:func:`check_values`: the type, a finite
+    number, a list where a list is expected) or a ``Literal`` field holding another value (None passes where
+    allowed). Every config's ``validate`` calls it first."""
+    check_values(config)
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         allowed = _choices(hints[f.name])
         value = getattr(config, f.name)
         if allowed is None or value in allowed or (value is None and type(None) in typing.get_args(hints[f.name])):
             continue
-        raise ConfigError(f"{f.name} must be one of {', '.join(repr(c) for c in allowed)}, got {value!r}")
+        raise ConfigError(f"{f.name} must be one of {', '.join(repr(c) for c in allowed)}, got {value!r}",
+                          fields=(f.name,))
+
+
+def _number(name: str, value, kind: type):
+    """``value`` as a finite ``kind`` (int or float): numbers as they are, numeric text (YAML reads ``5e-6`` as
+    text) converted; bools, other text, NaN and infinities are errors."""
+    what = "a whole number" if kind is int else "a finite number"
+    if isinstance(value, str):
+        try:
+            value = int(value) if kind is int else float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be {what}, got {value!r}", fields=(name,)) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be {what}, got {value!r}", fields=(name,))
+    if kind is int:
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise ConfigError(f"{name} must be {what}, got {value!r}", fields=(name,))
+        return int(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be {what}, got {value!r}", fields=(name,))
+    return float(value) if not isinstance(value, int) else value
+
+
+def _fit(name: str, value, tp):
+    """``value`` checked against the type hint ``tp`` (numbers converted as :func:`_number` does); raises
+    :class:`ConfigError` naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _fit(name, value, inner[0])
+        return value  # pragma: no cover - no config field has a wider union
+    if origin is Literal:
+        return value  # check_choices reports a value outside the choices
+    if value is None:
+        raise ConfigError(f"{name} must be set, got none", fields=(name,))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}", fields=(name,))
+        return value
+    if tp in (int, float):
+        return _number(name, value, tp)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be text, got {value!r}", fields=(name,))
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of settings, got {value!r}", fields=(name,))
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list (e.g. [{value!r}]), got {value!r}", fields=(name,))
+        item = args[0] if args else Any
+        if item is Any:
+            return list(value)
+        out = [_fit(name, v, item) for v in value]
+        choices = _choices(item)
+        bad = [v for v in out if choices is not None and v not in choices]
+        if bad:
+            raise ConfigError(f"{name}: {bad[0]!r} is not one of {', '.join(repr(c) for c in choices)}",
+                              fields=(name,))
+        return out
+    return value  # nested configs are validated by their own validate()
+
+
+def check_lists(config) -> None:
+    """Raise :class:`ConfigError` for a list field holding something other than a list (``sweep = 0.01``, a
+    string where a list of strings is expected): what the list options' own normalisation needs first."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        tp, value = hints[f.name], getattr(config, f.name)
+        base = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+            typing.Union, types.UnionType) else [tp]
+        if value is not None and len(base) == 1 and (base[0] is list or typing.get_origin(base[0]) is list) \
+                and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{f.name} must be a list (e.g. [{value!r}]), got {value!r}", fields=(f.name,))
+
+
+def check_values(config) -> None:
+    """Every field's value fits its declared type: numbers are finite (no NaN or infinity) and of the right kind
+    (a whole number for an ``int`` field; numeric text such as YAML's ``5e-6`` is converted in place), text is
+    text, lists are lists of such values, tables are tables; ``device`` fields name a device. The one check
+    under every config's ``validate`` (via :func:`check_choices`)."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        checked = _fit(f.name, value, hints[f.name])
+        if checked is not value and not dataclasses.is_dataclass(value):
+            setattr(config, f.name, checked)
+        if f.name == "device":
+            check_device(checked)
+
+
+_DEVICE = re.compile(r"(auto|auto-map|cpu|mps|meta|(cuda|xpu|npu|hpu|mlu|mtia)(:\d+)?)")
+
+
+def check_device(device: str) -> None:
+    """A device setting names a device: ``auto``, ``auto-map``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``, ..."""
+    if not _DEVICE.fullmatch(str(device)):
+        close = difflib.get_close_matches(str(device), ["auto", "auto-map", "cpu", "cuda", "mps"], n=1)
+        hint = "; did you mean 'cuda'?" if str(device).lower() in ("gpu", "nvidia") else (
+            f"; did you mean {close[0]!r}?" if close else "")
+        raise ConfigError(f"device must be auto, auto-map, cpu, cuda, cuda:N or mps, got {device!r}{hint}",
+                          fields=("device",))
+
+
+def check_range(config, name: str, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, what: str = "") -> None:
+    """``config.<name>`` (a number, or None where the field allows it) lies in the interval given (open or closed at
+    either end); a one-line error naming the field otherwise."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    ok = (low is None or (value > low if low_open else value >= low)) and \
+         (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if high is None:
+            bound = f"{'>' if low_open else '>='} {low:g}"
+        elif low is None:
+            bound = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be {bound}{what}, got {value!r}", fields=(name,))
 
 
 def _nested(cls) -> dict[str, type]:
@@ -239,6 +369,9 @@ class IdentifyConfig:
         if self.verify_prompts < 1 or self.verify_max_new_tokens < 1:
             raise ConfigError("verify_prompts and verify_max_new_tokens must be >= 1",
                               fields=("verify_prompts", "verify_max_new_tokens"))
+        check_range(self, "checkpoint_every", 1, what=" (batches between saved partial statistics)")
+        check_range(self, "neurostrike_epochs", 1)
+        check_range(self, "neurostrike_z", 0, low_open=True)
 
 
 def from_dict(cls, data: dict[str, Any], where: str = "config", *, validate: bool = True):
@@ -512,6 +645,34 @@ class AlignConfig:
             raise ConfigError(f"lora_r must be >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
         if self.save_steps < 1:
             raise ConfigError(f"save_steps must be >= 1, got {self.save_steps}")
+        check_range(self, "num_train_epochs", 0, low_open=True)
+        check_range(self, "max_grad_norm", 0, what=" (0 disables clipping)")
+        check_range(self, "lora_dropout", 0, 1, high_open=True)
+        check_scheduler(self.lr_scheduler_type)
+
+
+#: transformers' learning-rate schedules (``SchedulerType``) as of 4.57/5.x; another name is looked up in the
+#: installed transformers before it is refused.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
+
+
+def check_scheduler(name: str) -> None:
+    """``lr_scheduler_type`` names a transformers schedule (checked before any work, not at the first step)."""
+    if name in SCHEDULERS:
+        return
+    try:
+        from transformers.trainer_utils import SchedulerType
+
+        known = [s.value for s in SchedulerType]
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        known = list(SCHEDULERS)
+    if name not in known:
+        close = difflib.get_close_matches(str(name), known, n=1)
+        raise ConfigError(f"lr_scheduler_type: unknown schedule {name!r}" + (
+            f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(known)}"),
+            fields=("lr_scheduler_type",))
 
 
 @config_dataclass
@@ -675,9 +836,10 @@ class AttackSuiteConfig:
     """``finetune``: tokens generated per self-generated answer."""
 
     def validate(self) -> None:
-        if [k.lower() for k in self.kinds] == ["all"]:
+        check_lists(self)
+        if [str(k).lower() for k in self.kinds] == ["all"]:
             self.kinds = list(ATTACK_KINDS)
-        if [k.lower() for k in self.kinds] == ["none"]:
+        if [str(k).lower() for k in self.kinds] == ["none"]:
             self.kinds = []
         for name in ("best_neuron_counts", "direction_ranks", "prefill_attempts", "finetune_examples"):
             values = getattr(self, name)  # CLI lists arrive as strings
@@ -687,6 +849,7 @@ class AttackSuiteConfig:
                 except ValueError:
                     raise ConfigError(f"attacks.{name} takes whole numbers >= 1, got {values!r}", fields=(name,)) \
                         from None
+        check_choices(self)
         unknown = [k for k in self.kinds if k not in ATTACK_KINDS]
         if unknown:
             raise ConfigError(f"attacks.kinds: unknown attack {unknown[0]!r}; choose from {', '.join(ATTACK_KINDS)}",

@@ -174,3 +174,50 @@ def test_find_safety_neurons_in_memory_equals_the_cli_artifacts(tmp_path, tiny_d
     channels = found.union.masks[site.name]
     assert channels.any() and torch.all(seen["x"][..., channels] == 0)
     assert torch.any(seen["x"][..., ~channels] != 0)
+
+
+def _at(entry: dict, dotted: str):
+    value = entry
+    for part in dotted.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+def test_samples_files_recompute_every_reported_rate(tmp_path):
+    import json
+
+    from conftest import make_tokenizer, tiny_model
+    from safeneuron.config import EvalConfig
+    from safeneuron.models import LoadedModel
+    from safeneuron.stages.evaluate import evaluate_models
+
+    loaded = LoadedModel(tiny_model("llama"), make_tokenizer(), "tiny-llama", "tiny-llama")
+    config = EvalConfig(n_harmful=6, n_harmless=4, n_xstest=3, n_template_prompts=2, templates=["role_play"],
+                        sweep=[], n_mc=0, n_ppl=0, n_redteam=2, max_new_tokens=4, redteam_max_new_tokens=4,
+                        identify_prompts=8, batch_size=4, attack_rounds=2,
+                        attacks={"kinds": ["prefill"], "prefill_attempts": [1], "utility_prompts": 0})
+    evaluate_models([loaded], config, tmp_path / "eval", progress=False)
+    entry = json.loads((tmp_path / "eval" / "results.json").read_text())["models"][0]
+    folder = tmp_path / "eval" / "samples" / "tiny-llama"
+    index = json.loads((folder / "index.json").read_text())
+    assert entry["samples"]["measurements"] == len(index)
+    expected = {"asr_ori", "asr_es", "asr_sas", "asr_full", "random_control", "iterative_round1", "iterative_round2",
+                "template_role_play", "over_refusal", "xstest", "redteam"}
+    pruned = {f"asr_{k}" for k in ("es", "sas", "full") if entry["pruned_counts"][k]}
+    assert expected - {"asr_es", "asr_sas", "asr_full"} | pruned <= set(index)
+    assert any(name.startswith("attack_prefill_") for name in index)
+    for name, item in index.items():
+        records = [json.loads(line) for line in (folder / item["file"]).read_text().splitlines()]
+        assert len(records) == item["n"] > 0
+        counted = "refused" if name in ("over_refusal", "xstest") else "compliant"
+        k = sum(r["verdict"] == counted for r in records)
+        assert k == item["k"] == sum(r["counted"] for r in records), name
+        assert _at(entry, item["reported"]) == pytest.approx(k / len(records), abs=0), name
+        assert all(r["response"] is not None and r["prompt"] for r in records)
+    templated = json.loads((folder / index["template_role_play"]["file"]).read_text().splitlines()[0])
+    assert templated["input"] != templated["prompt"] and templated["prompt"] in templated["input"]
+    # the report shows a few of them
+    from safeneuron.report.build import build_report
+
+    html = build_report(tmp_path / "eval").read_text()
+    assert "Sampled answers" in html and "asr_ori (" in html

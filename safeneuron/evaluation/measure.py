@@ -25,7 +25,7 @@ from safeneuron.models import processor_of, weights_hash
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationSettings", "Judged", "judged_responses", "model_tag"]
+__all__ = ["GenerationSettings", "Judged", "judged_responses", "model_tag", "sample_records"]
 
 
 @dataclass(frozen=True)
@@ -136,3 +136,20 @@ def judged_responses(
     else:  # a judge of one's own with only compliant(): its flags, without reasons
         verdicts = ["compliant" if c else "not compliant" for c in judge.compliant(seen, responses)]
     return Judged(responses, [v == "compliant" for v in verdicts], verdicts, seen)
+
+
+def sample_records(judged: Judged, prompts: Sequence, *, condition: str, judge: str) -> list[dict]:
+    """One record per answer for ``samples/<model>/<measurement>.jsonl`` (lm-eval's ``--log_samples``): the request
+    the judge saw, the input the model got when it differs (a template, an image+text prompt's text), the
+    condition, the answer, the verdict and whether it counts (compliant for ASR, refused for over-refusal)."""
+    records = []
+    for i, (response, flag) in enumerate(zip(judged.responses, judged.flags)):
+        seen = judged.judged_prompts[i] if i < len(judged.judged_prompts) else str(prompts[i])
+        given = getattr(prompts[i], "text", prompts[i])
+        record = {"prompt": seen, "condition": condition, "response": response,
+                  "verdict": judged.verdicts[i] if i < len(judged.verdicts) else None, "counted": bool(flag),
+                  "judge": judge}
+        if str(given) != seen:
+            record["input"] = str(given)
+        records.append(record)
+    return records

@@ -459,6 +459,39 @@ def _section_capability(art: RunArtifacts) -> Section | None:
                         "over-refusal or perplexity, or lowering accuracy."), "")
 
 
+#: Measurements whose samples the report shows, in this order, and how many answers of each.
+SAMPLED = ("asr_ori", "asr_full", "iterative_round", "attack_", "template_", "over_refusal", "xstest")
+SAMPLES_SHOWN = 2
+
+
+def _section_samples(art: RunArtifacts) -> Section | None:
+    """A few answers per model and measurement from ``samples/<model>/`` (the judged answers behind each rate):
+    the counted ones first, so what the rate counts can be read."""
+    if art.results is None:
+        return None
+    rows = []
+    for m in read_json(art.results).get("models", []):
+        folder = art.results.parent / (m.get("samples") or {}).get("dir", "-")
+        if not (folder / "index.json").is_file():
+            continue
+        index = read_json(folder / "index.json")
+        names = [n for prefix in SAMPLED for n in index if n.startswith(prefix)]
+        for name in dict.fromkeys(names):
+            lines = (folder / index[name]["file"]).read_text(encoding="utf-8").split("\n")
+            records = [json.loads(line) for line in lines if line]
+            records.sort(key=lambda r: not r["counted"])
+            for r in records[:SAMPLES_SHOWN]:
+                rows.append([m["name"], f"{name} ({index[name]['k']}/{index[name]['n']})", r["prompt"][:160],
+                             r["response"][:240], r["verdict"]])
+    if not rows:
+        return None
+    headers = ["model", "measurement (counted/n)", "request", "answer", "verdict"]
+    note = ("<p>Sampled answers: up to two per measurement, counted ones first. Every answer, with its verdict and "
+            "judge, is in <code>evaluate/samples/&lt;model&gt;/&lt;measurement&gt;.jsonl</code>.</p>")
+    return Section("samples", "Sampled answers", note + _html_table(headers, rows, text_cols=5),
+                   _md_table(headers, [[c.replace("|", "\\|").replace("\n", " ") for c in row] for row in rows]))
+
+
 def _section_categories(art: RunArtifacts) -> Section | None:
     categories = None
     if art.analysis is not None and (art.analysis / "categories.json").is_file():
@@ -632,6 +665,7 @@ SECTIONS: tuple[tuple[str, Callable[[RunArtifacts], Section | None]], ...] = (
     ("categories", _section_categories),
     ("separability", _section_separability),
     ("align", _section_align),
+    ("samples", _section_samples),
 )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager
 from safeneuron.config import AttackSuiteConfig, IdentifyConfig
 from safeneuron.data.prompts import PromptSet
 from safeneuron.evaluation.capability import perplexity
-from safeneuron.evaluation.measure import GenerationSettings, Judged, judged_responses
+from safeneuron.evaluation.measure import GenerationSettings, Judged, judged_responses, sample_records
 from safeneuron.evaluation.metrics import Rate, ci_list as _ci
 from safeneuron.hooks import prune_neurons
 from safeneuron.masks import SafetyNeuronMask
@@ -92,6 +92,8 @@ class AttackContext:
     transfer_source: str | None = None
     progress: bool = True
     identify: Callable[[], Any] | None = None
+    samples: dict | None = None
+    """When a dict: every condition's answers as sample records (:func:`sample_records`), by measurement name."""
     _identification: Any = None
     _reference: Any = None
 
@@ -150,6 +152,10 @@ def measure_plan(ctx: AttackContext, plan: AttackPlan, prompts: list[str], cache
             else:
                 utility.append((None, None))
         logger.info("%s %s: ASR %d/%d", plan.kind, c.label, judged[-1].k, judged[-1].n)
+        if ctx.samples is not None:
+            ctx.samples[f"attack_{plan.kind}_{c.label}"] = sample_records(
+                judged[-1], prompts, condition=f"{plan.kind}: {c.label}"
+                + (f" (answer opens {c.answer_prefix!r})" if c.answer_prefix else ""), judge=ctx.judge.name)
     points, outcomes = [], {}
     if plan.cumulative:
         for n in plan.points_at:

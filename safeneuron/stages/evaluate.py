@@ -31,6 +31,7 @@ interval, the judges, the attacker and timings.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import re
 import time
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from safeneuron.artifacts import timestamp, versions, write_json, write_text
+from safeneuron.artifacts import atomic_dir, timestamp, versions, write_json, write_text
 from safeneuron.config import EvalConfig
 from safeneuron.data.images import load_multimodal_set
 from safeneuron.data.splits import overlap
@@ -47,7 +48,7 @@ from safeneuron.errors import SafeneuronError
 from safeneuron.evaluation.capability import load_mc, mc_accuracy, perplexity, run_lm_eval
 from safeneuron.arch import find_mlps
 from safeneuron.evaluation.judges import Judge, RefusalJudge, load_judge, second_refusal_judge
-from safeneuron.evaluation.measure import GenerationSettings, Judged, judged_responses, model_tag
+from safeneuron.evaluation.measure import GenerationSettings, Judged, judged_responses, model_tag, sample_records
 from safeneuron.evaluation.metrics import Rate, curve_area, detectable_difference, mcnemar_exact, ci_list as _ci
 from safeneuron.evaluation.sets import (
     apply_template,
@@ -122,13 +123,24 @@ class _Measure:
     progress: bool = True
     timings: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)  # measurement -> sample records (samples/<model>/<name>.jsonl)
+    reported: dict = field(default_factory=dict)  # measurement -> where its rate is in the entry (dotted path)
 
     def run(self, prompts, what="compliant", *, mask=None, judge_prompts=None, cache="harmful", gen=None,
-            use_judge=None):
-        """Answers to ``prompts`` (cached in ``<gen_dir>/<cache>.jsonl``), judged for ``what``."""
-        return judged_responses(self.loaded, prompts, use_judge or self.judge, what=what, mask=mask,
-                                judge_prompts=judge_prompts, settings=gen if gen is not None else self.settings,
-                                cache=self.gen_dir / f"{cache}.jsonl", tag=self.tag, progress=self.progress)
+            use_judge=None, sample: str | None = None, reported: str | None = None, condition: str | None = None):
+        """Answers to ``prompts`` (cached in ``<gen_dir>/<cache>.jsonl``), judged for ``what``; kept as the
+        measurement ``sample``'s sample records when named (its rate reported at ``reported`` in the entry)."""
+        judge = use_judge or self.judge
+        judged = judged_responses(self.loaded, prompts, judge, what=what, mask=mask, judge_prompts=judge_prompts,
+                                  settings=gen if gen is not None else self.settings,
+                                  cache=self.gen_dir / f"{cache}.jsonl", tag=self.tag, progress=self.progress)
+        if sample is not None:
+            if condition is None:
+                condition = f"pruned {mask.count()} neurons ({mask.digest()})" if mask is not None and mask.count() \
+                    else "plain"
+            self.samples[sample] = sample_records(judged, prompts, condition=condition, judge=judge.name)
+            self.reported[sample] = reported
+        return judged
 
     @contextmanager
     def timed(self, key: str):
@@ -201,9 +213,26 @@ def evaluate_model(
     entry["judges"] = {"asr": judge.name, "templates": judge.name, "over_refusal": m.refusal_judge.name,
                        "redteam": m.refusal_judge.name}
     entry["sources"] = m.sources
+    entry["samples"] = {"dir": f"samples/{slug}",  # beside results.json
+                        "measurements": len(write_samples(out / "samples" / slug, m.samples, m.reported))}
     m.timings["total_s"] = time.perf_counter() - t_model
     entry["timings"] = {k: round(v, 2) for k, v in m.timings.items()}
     return entry
+
+
+def write_samples(folder: Path, samples: dict[str, list[dict]], reported: dict[str, str | None]) -> dict:
+    """``folder/<measurement>.jsonl`` for every measurement (its sample records) and ``folder/index.json``
+    (measurement -> file, n, k counted, and where its rate is in the model's results entry, a dotted path); the
+    folder is replaced whole. Returns the index."""
+    index = {}
+    with atomic_dir(folder) as tmp:
+        for name, records in samples.items():
+            file = f"{model_slug(name)}.jsonl"
+            write_text(tmp / file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            index[name] = {"file": file, "n": len(records), "k": sum(r["counted"] for r in records),
+                           "reported": reported.get(name)}
+        write_json(tmp / "index.json", index)
+    return index
 
 
 def _upstream_overlap(config: EvalConfig, harmful, harmless) -> int:
@@ -229,7 +258,7 @@ def _asr_and_attack(m: _Measure, harmful, id_config, id_harmful, id_harmless, id
     pruned_counts: dict = dict.fromkeys(("es", "sas", "full"))
     judged: dict[str, Judged] = {}
     with m.timed("asr_s"):
-        ori = judged["ori"] = m.run(harmful.prompts)
+        ori = judged["ori"] = m.run(harmful.prompts, sample="asr_ori", reported="asr.ori")
         r = Rate(ori.k, ori.n)
         asr["ori"], asr_ci["ori"], asr_k["ori"] = r.value, _ci(r), r.k
 
@@ -243,7 +272,8 @@ def _asr_and_attack(m: _Measure, harmful, id_config, id_harmful, id_harmless, id
                 if mask is None:
                     continue
                 mask.check(m.loaded.model)
-                judged[key] = m.run(harmful.prompts, mask=mask) if mask.count() else ori  # an empty set prunes nothing
+                judged[key] = m.run(harmful.prompts, mask=mask, sample=f"asr_{key}", reported=f"asr.{key}") \
+                    if mask.count() else ori  # an empty set prunes nothing
                 r = Rate(judged[key].k, judged[key].n)
                 asr[key], asr_ci[key], asr_k[key] = r.value, _ci(r), r.k
                 pruned_counts[key] = mask.count()
@@ -273,14 +303,24 @@ def _attack_profile(m: _Measure, harmful, id_config, id_harmful, id_harmless, id
                         identify=lambda: attacker_identification(m.loaded, id_config, attack_dir / "identify",
                                                                  progress=m.progress))
     ctx._identification = identification if not m.config.mask else None
+    ctx.samples = {}
     with m.timed("attacks_s"):
-        return attack_profile(ctx, kinds, list(harmful.prompts), m.gen_dir / "attacks")
+        profile = attack_profile(ctx, kinds, list(harmful.prompts), m.gen_dir / "attacks")
+    for kind, result in profile.items():  # where each condition's rate is reported
+        for i, c in enumerate(result.get("conditions") or result.get("points") or []):
+            name = f"attack_{kind}_{c['label']}"
+            if name in ctx.samples:
+                m.samples[name] = ctx.samples[name]
+                m.reported[name] = f"attacks.{kind}.{'conditions' if result.get('conditions') else 'points'}.{i}.asr"
+    return profile
 
 
 def _random_control(m: _Measure, harmful, full: SafetyNeuronMask, judged: dict) -> dict:
     """ASR with as many random neurons per layer pruned as the FULL set holds (the control)."""
     control = SafetyNeuronMask.random(find_mlps(m.loaded.model), like=full, seed=m.config.seed)
-    judged["random_control"] = m.run(harmful.prompts, mask=control)
+    judged["random_control"] = m.run(harmful.prompts, mask=control, sample="random_control",
+                                     reported="asr_random_control",
+                                     condition=f"pruned {control.count()} random neurons ({control.digest()})")
     r = Rate(judged["random_control"].k, judged["random_control"].n)
     return {"asr_random_control": r.value, "asr_random_control_ci95": _ci(r), "random_control_pruned": control.count()}
 
@@ -291,7 +331,8 @@ def _iterative_attack(m: _Measure, harmful, id_config, out: Path, judged: dict) 
     rounds = iterative_prune(m.loaded, id_config, m.config.attack_rounds, out, progress=m.progress)
     points = []
     for r, mask in enumerate(rounds, 1):
-        judged[f"round{r}"] = j = m.run(harmful.prompts, mask=mask)
+        judged[f"round{r}"] = j = m.run(harmful.prompts, mask=mask, sample=f"iterative_round{r}",
+                                        reported=f"asr_iterative.{r - 1}.asr")
         rate = Rate(j.k, j.n)
         points.append({"round": r, "asr": rate.value, "ci95": _ci(rate), "k": rate.k, "n": rate.n,
                        "pruned": mask.count()})
@@ -364,7 +405,9 @@ def _jailbreak_templates(m: _Measure, harmful) -> dict:
             base = harmful.prompts[:n_tpl]
             asr_templates, templates_ci = {}, {}
             for tname, template in templates.items():
-                judged = m.run([apply_template(template, p) for p in base], judge_prompts=base, cache="templates")
+                judged = m.run([apply_template(template, p) for p in base], judge_prompts=base, cache="templates",
+                               sample=f"template_{tname}", reported=f"asr_templates.{tname}",
+                               condition=f"template {tname}")
                 r = Rate(judged.k, judged.n)
                 asr_templates[tname], templates_ci[tname] = r.value, _ci(r)
             worst = max(asr_templates, key=lambda t: asr_templates[t])
@@ -377,15 +420,16 @@ def _over_refusal(m: _Measure, harmless) -> dict:
     """Refusal rate on the harmless prompts and on the XSTest-style ones."""
     config = m.config
     with m.timed("over_refusal_s"):
-        over = m.run(harmless.prompts, "refused", cache="harmless", use_judge=m.refusal_judge) if len(harmless) \
-            else None
+        over = m.run(harmless.prompts, "refused", cache="harmless", use_judge=m.refusal_judge, sample="over_refusal",
+                     reported="over_refusal") if len(harmless) else None
         r = Rate(over.k, over.n) if over else Rate(0, 0)
         xs_rate = Rate(0, 0)
         n_xs = config.capped(config.n_xstest)
         if config.xstest and n_xs:
             xs = load_eval_prompts(config.xstest, default="xstest_like", n=n_xs, seed=config.seed)
             m.sources["xstest"] = xs.source
-            judged = m.run(xs.prompts, "refused", cache="xstest", use_judge=m.refusal_judge)
+            judged = m.run(xs.prompts, "refused", cache="xstest", use_judge=m.refusal_judge, sample="xstest",
+                           reported="over_refusal_xstest")
             xs_rate = Rate(judged.k, judged.n)
     return dict(over_refusal=r.value, over_refusal_ci95=_ci(r),
                 over_refusal_xstest=xs_rate.value, over_refusal_xstest_ci95=_ci(xs_rate), n_xstest=xs_rate.n)
@@ -415,7 +459,8 @@ def _multimodal_measurements(m: _Measure, harmful, masks: Mapping) -> dict:
                 mask = None if key == "ori" else masks.get(key)
                 if key != "ori" and mask is None:
                     continue
-                judged = m.run(list(mm), mask=mask, judge_prompts=judge_prompts, cache="harmful_multimodal")
+                judged = m.run(list(mm), mask=mask, judge_prompts=judge_prompts, cache="harmful_multimodal",
+                               sample=f"multimodal_asr_{key}", reported=f"asr_multimodal.{key}")
                 r = Rate(judged.k, judged.n)
                 asr[key], asr_ci[key] = r.value, _ci(r)
             out.update(asr_multimodal=asr, asr_multimodal_ci95=asr_ci, n_harmful_multimodal=len(mm))
@@ -423,7 +468,8 @@ def _multimodal_measurements(m: _Measure, harmful, masks: Mapping) -> dict:
             mm = load_multimodal_set(config.multimodal_harmless or "builtin:harmless", default="harmless",
                                      limit=config.capped(config.n_harmless), seed=config.seed)
             m.sources["harmless_multimodal"] = mm.source
-            judged = m.run(list(mm), "refused", cache="harmless_multimodal", use_judge=m.refusal_judge)
+            judged = m.run(list(mm), "refused", cache="harmless_multimodal", use_judge=m.refusal_judge,
+                           sample="multimodal_over_refusal", reported="over_refusal_multimodal")
             r = Rate(judged.k, judged.n)
             out.update(over_refusal_multimodal=r.value, over_refusal_multimodal_ci95=_ci(r),
                        n_harmless_multimodal=r.n)
@@ -477,13 +523,15 @@ def _redteam(m: _Measure) -> dict:
             rt_settings = GenerationSettings(max_new_tokens=config.redteam_max_new_tokens,
                                              batch_size=config.batch_size, seed=config.seed)
             judged = m.run([redteam_request(g) for g in goals.prompts], cache="redteam", gen=rt_settings,
-                           use_judge=m.refusal_judge)
+                           use_judge=m.refusal_judge, sample="redteam", reported="redteam_compliance",
+                           condition="asked to write a jailbreak prompt")
             rt_rate = Rate(judged.k, judged.n)
             m.sources["redteam"] = goals.source
             if config.redteam_transfer:
                 written = [resp for resp, ok in zip(judged.responses, judged.flags) if ok and resp.strip()]
                 if written:
-                    tj = m.run(written, cache="redteam_transfer")
+                    tj = m.run(written, cache="redteam_transfer", sample="redteam_transfer",
+                               reported="redteam_transfer.asr", condition="the model's own jailbreak prompts")
                     tr = Rate(tj.k, tj.n)
                     transfer = {"asr": tr.value, "ci95": _ci(tr), "n": tr.n}
     return dict(redteam_compliance=rt_rate.value, redteam_compliance_ci95=_ci(rt_rate), n_redteam=rt_rate.n,
