@@ -576,6 +576,9 @@ class AlignConfig:
     """Checkpoint every this many optimizer steps inside a round (resume after a kill)."""
     keep_checkpoints: bool = False
     """Keep each round's trainer checkpoints after the round completes."""
+    push_to_hub: str | None = None
+    """A hub repository id (``user/name``) to upload the final model directory to, with its model card (needs a
+    token: ``huggingface-cli login``). None: nothing is published."""
     quick: bool = False
     """Small profile for a fast run (``[align]`` of ``configs/quick.toml``, for fields left at their defaults)."""
     seed: int = 0
@@ -1088,20 +1091,24 @@ class EvalConfig:
 
     def validate(self) -> None:
         # CLI lists arrive as strings; "none" turns a list option off.
+        check_lists(self)
         if self.sweep is not None:
             if [str(x).lower() for x in self.sweep] == ["none"]:
                 self.sweep = []
             try:
                 self.sweep = [float(x) for x in self.sweep]
-            except ValueError:
-                raise ConfigError(f"sweep takes fractions such as 0 0.001 0.01, got {self.sweep}") from None
-        if self.templates is not None and [t.lower() for t in self.templates] == ["none"]:
+            except (TypeError, ValueError):
+                raise ConfigError(f"sweep takes fractions such as 0 0.001 0.01, got {self.sweep}",
+                                  fields=("sweep",)) from None
+        if self.templates is not None and [str(t).lower() for t in self.templates] == ["none"]:
             self.templates = []
-        if self.templates is not None and [t.lower() for t in self.templates] == ["all"]:
+        if self.templates is not None and [str(t).lower() for t in self.templates] == ["all"]:
             self.templates = None
-        if self.lm_eval_tasks is not None and [t.lower() for t in self.lm_eval_tasks] == ["none"]:
+        if self.lm_eval_tasks is not None and [str(t).lower() for t in self.lm_eval_tasks] == ["none"]:
             self.lm_eval_tasks = None
         check_choices(self)
+        check_template_names(self.templates)
+        check_range(self, "lm_eval_limit", 1)
         self.identify.validate()
         self.attacks.validate()
         for name in ("n_harmful", "n_harmless", "n_xstest", "n_template_prompts", "n_sweep_prompts", "n_mc", "n_ppl",
@@ -1123,6 +1130,25 @@ class EvalConfig:
     def capped(self, n: int) -> int:
         """``n`` capped by ``limit``."""
         return n if self.limit is None else min(n, self.limit)
+
+
+#: The built-in jailbreak templates (read by name here, so a misspelt name fails before any work).
+TEMPLATES_FILE = Path(__file__).parent / "data" / "builtin" / "jailbreak_templates.json"
+
+
+def check_template_names(names: list[str] | None) -> None:
+    """Every name in ``templates`` is a built-in jailbreak template (None = all of them)."""
+    if not names:
+        return
+    import json
+
+    known = [k for k in json.loads(TEMPLATES_FILE.read_text(encoding="utf-8")) if not k.startswith("_")]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            raise ConfigError(f"templates: unknown jailbreak template {name!r}" + (
+                f"; did you mean {close[0]!r}?" if close else "") + f" (templates: {', '.join(known)})",
+                fields=("templates",))
 
 
 __all__ += ["AttackConfig", "EvalConfig", "SWEEP_FRACTIONS", "DEFAULT_SWEEP", "DEFAULT_TEMPLATES", "NEURON_SETS"]
@@ -1295,7 +1321,11 @@ class RunConfig:
             if mode not in ALIGN_MODES:
                 raise ConfigError(f"modes: unknown mode {mode!r}; choose from {', '.join(ALIGN_MODES)}")
         for name in ("identify", "prefs", "align", "evaluate", "analyze"):
-            self.stage_config(name)  # unknown keys and bad values fail here, before any work
+            try:
+                self.stage_config(name)  # unknown keys and bad values fail here, before any work
+            except ConfigError as err:  # named by its section: the main job has no per-field flags
+                text = str(err)
+                raise ConfigError(text if text.startswith("[") else f"[{name}] {text}") from None
 
     def stage_config(self, stage: str):
         """The stage's config: run-wide settings, then the file's section, then the quick profile."""

@@ -21,7 +21,7 @@ import torch
 from safeneuron.arch import MLPSite, find_mlps
 from safeneuron.artifacts import ArtifactError, load_tensors, save_tensors
 
-__all__ = ["SafetyNeuronMask", "MaskMismatchError"]
+__all__ = ["SafetyNeuronMask", "MaskMismatchError", "MASK_FILES", "mask_file"]
 
 
 class MaskMismatchError(SafeneuronError):
@@ -98,6 +98,31 @@ class SafetyNeuronMask:
         """Write as safetensors; keys ``<mlp><suffix>`` (e.g. suffix ``.union``)."""
         save_tensors(path, {f"{k}{suffix}": v for k, v in self.masks.items()}, metadata)
 
+    @classmethod
+    def from_pretrained(cls, source: str | Path, neuron_set: str | None = "union", *,
+                        revision: str | None = None) -> "SafetyNeuronMask":
+        """A mask from a mask file, a directory holding one (an identification's ``safety_neurons.safetensors``,
+        an align run's last round's or one round's ``frozen.safetensors``, a pruned model's
+        ``pruned_neurons.safetensors``) or a hub repository holding ``safety_neurons.safetensors``."""
+        path = mask_file(source)
+        if path is None:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(str(source), MASK_FILES[0], revision=revision))
+            except Exception as err:  # offline, no such repository, no such file: one line names the problem
+                raise ArtifactError(f"{source}: no mask file or directory here, and the hub has none "
+                                    f"({type(err).__name__})") from None
+        return cls.load(path, neuron_set=neuron_set if path.name == MASK_FILES[0] else None)
+
+    @staticmethod
+    def file_metadata(path: str | Path) -> dict[str, str]:
+        """A mask file's ``__metadata__`` (model, weights sha256, thresholds, pooling, prompt counts, ...)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+
     @staticmethod
     def sets_in(path: str | Path) -> list[str]:
         """Names of the sets in a mask file (``es``, ``sas``, ``union``, ... or ``""``)."""
@@ -169,6 +194,25 @@ class SafetyNeuronMask:
 
 
 _SET_NAMES = {"es", "sas", "union", "t", "probe_gate", "probe_up"}
+
+#: The mask files the stages write, in the order a directory is searched.
+MASK_FILES = ("safety_neurons.safetensors", "frozen.safetensors", "pruned_neurons.safetensors")
+
+
+def mask_file(source: str | Path) -> Path | None:
+    """The mask file ``source`` names locally (itself, or the first of :data:`MASK_FILES` in it, or an align run's
+    last ``round_<r>/frozen.safetensors``); None when there is none here."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        return None
+    for name in MASK_FILES:
+        if (path / name).is_file():
+            return path / name
+    rounds = sorted((int(p.parent.name.split("_")[1]), p) for p in path.glob("round_*/frozen.safetensors")
+                    if p.parent.name.split("_")[1].isdigit())
+    return rounds[-1][1] if rounds else None
 
 
 def _sites(model_or_sites) -> list[MLPSite]:

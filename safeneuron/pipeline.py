@@ -44,9 +44,10 @@ from safeneuron.data.splits import split_prompts
 from safeneuron.masks import SafetyNeuronMask
 from safeneuron.models import LoadedModel, load_model
 from safeneuron.report import build_report
-from safeneuron.stages.align import align
+from safeneuron.stages.align import align, align_card_info
 from safeneuron.stages.analyze import analyze
 from safeneuron.stages.evaluate import evaluate_models
+from safeneuron.cards import evaluation_summary, write_model_card
 from safeneuron.stages.identify import identify
 from safeneuron.stages.prefs import synthesize_preferences
 
@@ -222,6 +223,20 @@ def _evaluate_models(job: _Job) -> None:
     config = job.stage_config("evaluate")
     job.stage("evaluate", settings_hash(config),  # models are loaded one at a time
               lambda: evaluate_models(job.models, config, job.out / "evaluate", progress=job.progress))
+    _cards_with_evaluation(job)
+
+
+def _cards_with_evaluation(job: _Job) -> None:
+    """Each aligned model's card gains its evaluation summary (the card align wrote holds the training only)."""
+    results = job.out / "evaluate" / "results.json"
+    if not results.is_file():
+        return
+    entries = {e["name"]: e for e in read_json(results).get("models", [])}
+    for mode in job.config.modes:
+        manifest, entry = job.out / "align" / mode / "align.json", entries.get(mode)
+        model_dir = (job.out / "align" / mode / "model").resolve()
+        if entry is not None and manifest.is_file() and model_dir.is_dir():
+            write_model_card(model_dir, align_card_info(read_json(manifest), evaluation_summary(entry)))
 
 
 def _analyze_models(job: _Job) -> None:

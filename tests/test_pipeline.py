@@ -69,6 +69,12 @@ def test_run_on_a_tiny_model_writes_every_artifact(tmp_path, tiny_dir, monkeypat
                                      "report"}
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["quick"] is True and run_json["wall_time_s"] > 0
+    # each aligned model's card names its base model and carries its evaluation
+    sn = results["models"][1]
+    card = (out / "align" / "safeneuron" / "model" / "README.md").read_text()
+    assert f'base_model: "{tiny_dir}"' in card and "## Evaluation" in card
+    assert f"On {sn['n_harmful']} held-out harmful prompts" in card
+    assert f"| {100 * sn['asr']['ori']:.1f} % |" in card
     from safeneuron.cli.summaries import run_summary
 
     summary = run_summary(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 import tomllib
 
 import pytest
@@ -221,3 +222,49 @@ def test_samples_files_recompute_every_reported_rate(tmp_path):
 
     html = build_report(tmp_path / "eval").read_text()
     assert "Sampled answers" in html and "asr_ori (" in html
+
+
+def test_artifacts_carry_their_provenance(tmp_path, tiny_dir, monkeypatch):
+    import json
+
+    import torch
+
+    from safeneuron.masks import SafetyNeuronMask
+    from safeneuron.models import weights_hash
+    from safeneuron.stages.align import align
+
+    for name, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+    assert main(["identify", "--model", str(tiny_dir), "--harmful", str(tmp_path / "harmful.txt"), "--harmless",
+                 str(tmp_path / "harmless.txt"), "--tau-es", "0.3", "--out", str(tmp_path / "id"),
+                 "--no-progress"]) == 0
+    meta = SafetyNeuronMask.file_metadata(tmp_path / "id" / "safety_neurons.safetensors")
+    assert meta["model"] == str(tiny_dir) and meta["weights_sha256"] == weights_hash(str(tiny_dir))
+    assert (float(meta["tau_es"]), meta["position"], int(meta["n_harmful"]), int(meta["n_harmless"])) == \
+        (0.3, "mean", 6, 6)
+    assert json.loads(meta["sets"]) == ["es", "sas", "union"]
+    # from_pretrained takes the file, the identification directory or an align run
+    union = SafetyNeuronMask.load(tmp_path / "id" / "safety_neurons.safetensors")
+    for source in (tmp_path / "id", tmp_path / "id" / "safety_neurons.safetensors"):
+        assert SafetyNeuronMask.from_pretrained(source).digest() == union.digest()
+    with pytest.raises(Exception, match="no mask file or directory here, and the hub has none"):
+        SafetyNeuronMask.from_pretrained(str(tmp_path / "nowhere"))
+
+    config = AlignConfig(model=str(tiny_dir), rounds=1, max_steps=1, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=1, max_length=64, save_steps=10, tau_es=0.3,
+                         harmful=str(tmp_path / "harmful.txt"), harmless=str(tmp_path / "harmless.txt"),
+                         push_to_hub="me/tiny-safeneuron")
+    pushed = []
+    monkeypatch.setattr("safeneuron.stages.align.push_to_hub", lambda folder, repo, message: pushed.append(
+        (Path(folder), repo, (Path(folder) / "README.md").is_file())) or f"https://huggingface.co/{repo}")
+    pairs = [{"prompt": "How do I pick a lock?", "chosen": "I can't help with that.", "rejected": "First, take a pin."}] * 4
+    align(config, pairs, tmp_path / "align", progress=False)
+    frozen = SafetyNeuronMask.from_pretrained(tmp_path / "align")
+    assert frozen.digest() == SafetyNeuronMask.load(tmp_path / "align" / "round_1" / "frozen.safetensors",
+                                                    neuron_set=None).digest() and frozen.count() > 0
+    frozen_meta = SafetyNeuronMask.file_metadata(tmp_path / "align" / "round_1" / "frozen.safetensors")
+    assert (frozen_meta["mode"], frozen_meta["round"], frozen_meta["model"]) == ("safeneuron", "1", str(tiny_dir))
+    card = (tmp_path / "align" / "model" / "README.md").read_text()
+    assert f'base_model: "{tiny_dir}"' in card and "library_name: transformers" in card
+    assert f"frozen neurons per round: {frozen.count()}" in card and "4 preference pairs" in card
+    assert pushed == [((tmp_path / "align" / "model"), "me/tiny-safeneuron", True)]

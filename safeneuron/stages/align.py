@@ -37,6 +37,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from safeneuron.artifacts import ArtifactError, StageDir, atomic_dir, read_json, sha256_text, timestamp, versions, write_json
+from safeneuron.cards import mask_metadata, push_to_hub, write_model_card
 from safeneuron.config import AlignConfig, ConfigError, PrefsConfig, settings_hash
 from safeneuron.data.images import (
     MultimodalPrompt,
@@ -58,10 +59,10 @@ from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, dpo_overrides, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignResult", "align", "AlignOutputError"]
+__all__ = ["AlignResult", "align", "align_card_info", "AlignOutputError"]
 
 # AlignConfig fields that do not change the result (excluded from the run key).
-_NOT_RESULT = ("device", "save_steps", "keep_checkpoints", "trust_remote_code")
+_NOT_RESULT = ("device", "save_steps", "keep_checkpoints", "trust_remote_code", "push_to_hub")
 # DPOConfig fields of the ``dpo`` table that only log or publish (a run resumes with tracking switched on).
 _DPO_NOT_RESULT = ("report_to", "run_name", "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
                    "project", "trackio_space_id", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
@@ -542,7 +543,10 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
         if run.main:
             save_model_dir(model, run.saved_with, rdir / "model")
     if run.main:
-        record.save(rdir / "frozen.safetensors", metadata={"mode": config.mode, "round": str(r)})
+        record.save(rdir / "frozen.safetensors", metadata=mask_metadata(
+            mode=config.mode, round=str(r), model=run.base_name, weights_sha256=run.weights_sha256,
+            neuron_set=config.neuron_set, frozen_set=config.frozen_set, prefs_sha256=run.pairs.sha256,
+            run_key=run.run_key))
     t_save = time.perf_counter() - t0
     metrics = _round_metrics(run, r, record, ident_info, freeze_summary, history, checkpoint,
                              (t_identify, t_train, t_save), t_round)
@@ -596,6 +600,13 @@ def _complete_round(run: _Run, rdir: Path, metrics: dict, record: SafetyNeuronMa
                 tr.get("loss_first", float("nan")), tr.get("loss_last", float("nan")),
                 tr.get("reward_margin_first", float("nan")), tr.get("reward_margin_last", float("nan")),
                 metrics["timings"]["wall_s"])
+
+
+def align_card_info(manifest: dict, evaluation: dict | None = None) -> dict:
+    """What the final model's card says (:func:`safeneuron.cards.model_card`), from ``align.json``."""
+    return {"base_model": manifest["model"], "method": manifest["mode"], "rounds": manifest["summary"],
+            "prefs": manifest["prefs"], "settings_hash": manifest["run_key"],
+            "weights_sha256": manifest.get("weights_sha256"), "evaluation": evaluation}
 
 
 def _write_manifest(run: _Run, round_metrics: list[dict], t_start: float) -> dict:
@@ -691,4 +702,9 @@ def align(
     if run.main and (not (out / "model" / "config.json").is_file() or done < config.rounds):
         _link_dir(final_src, out / "model")
     manifest = _write_manifest(run, round_metrics, t_start)
+    if run.main:  # the final model directory carries its card (and is what gets published)
+        write_model_card(out / "model", align_card_info(manifest))
+        if config.push_to_hub:
+            logger.info("pushed %s to %s", out / "model", push_to_hub(out / "model", config.push_to_hub,
+                                                                       message=f"safeneuron align ({config.mode})"))
     return AlignResult(run.loaded.model, run.tokenizer, round_metrics, manifest, out)

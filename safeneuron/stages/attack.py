@@ -29,6 +29,7 @@ import torch
 
 from safeneuron.arch import find_mlps
 from safeneuron.artifacts import timestamp, versions, write_json
+from safeneuron.cards import mask_metadata, write_model_card
 from safeneuron.config import AttackConfig, IdentifyConfig
 from safeneuron.data.prompts import load_prompts
 from safeneuron.errors import SafeneuronError
@@ -83,11 +84,17 @@ def save_pruned_model(loaded: LoadedModel, mask: SafetyNeuronMask, path: str | P
             backup[s.name] = (s, idx, s.down.weight.detach().index_select(s.slices[-1].dim, idx).clone())
 
     def write_mask(folder: Path) -> None:
-        mask.save(folder / "pruned_neurons.safetensors")
+        mask.save(folder / "pruned_neurons.safetensors", metadata=mask_metadata(
+            model=loaded.name, mask_digest=mask.digest(), pruned=mask.count()))
         write_json(folder / "safeneuron_pruned.json", {
             "source_model": loaded.name, "source_path": loaded.path, "pruned": mask.count(),
             "pruned_per_layer": mask.per_layer(), "mask_digest": mask.digest(), **(metadata or {}),
         })
+        write_model_card(folder, {"base_model": loaded.name, "method": "neuron pruning",
+                                  "title": f"{loaded.name} with {mask.count()} safety neurons pruned",
+                                  "note": "An attack artifact (safeneuron attack --save): the model with its "
+                                          "safety neurons' down-projection weights zeroed, for red-teaming, not "
+                                          "for deployment. safeneuron_pruned.json names the neurons."})
 
     try:
         prune_weights(model, mask)

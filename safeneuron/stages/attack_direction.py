@@ -148,6 +148,7 @@ def save_orthogonalized(loaded, basis: torch.Tensor, path: str | Path, *, metada
     """Write ``loaded``'s model with ``basis`` orthogonalised out of its weights
     (:func:`~safeneuron.directions.orthogonalize_weights`) to ``path``; the in-memory model is restored."""
     from safeneuron.artifacts import write_json
+    from safeneuron.cards import write_model_card
 
     model = loaded.model
     edited = stream_writing_parameters(model)
@@ -161,6 +162,12 @@ def save_orthogonalized(loaded, basis: torch.Tensor, path: str | Path, *, metada
             write_json(folder / "safeneuron_direction_ablation.json",
                        {"source_model": loaded.name, "source_path": loaded.path, "rank": int(basis.shape[0]),
                         "basis": basis.double().tolist(), **(metadata or {})})
+            write_model_card(folder, {"base_model": loaded.name, "method": "refusal-direction ablation",
+                                      "title": f"{loaded.name} with a rank-{int(basis.shape[0])} refusal direction "
+                                               "projected out of its weights",
+                                      "note": "An attack artifact (safeneuron attack --kind direction --save): the "
+                                              "weights that write the residual stream orthogonalised against the "
+                                              "refusal direction, for red-teaming, not for deployment."})
 
         save_model_dir(model, loaded.processor or loaded.tokenizer, path, write_extra=extra)
     finally:

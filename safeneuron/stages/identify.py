@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 
 from safeneuron.activations import ActivationStats, collect_activations, record_activations
 from safeneuron.arch import backbone_model_type, find_mlps
+from safeneuron.cards import mask_metadata
 from safeneuron.artifacts import (
     ArtifactError,
     StageDir,
@@ -416,9 +417,14 @@ def _write_artifacts(run: _Run, stage: StageDir, selection: _Selection, t_start:
     """Scores, sets, then ``identify.json`` (last: its presence marks the stage complete)."""
     t0 = time.perf_counter()
     save_tensors(stage.path / "scores.safetensors", selection.flat_scores)
-    save_tensors(stage.path / "safety_neurons.safetensors",
-                 {f"{mlp}.{name}": m for name, mask in selection.sets.items() for mlp, m in mask.masks.items()})
     sites, sets, config = run.sites, selection.sets, run.config
+    save_tensors(stage.path / "safety_neurons.safetensors",
+                 {f"{mlp}.{name}": m for name, mask in selection.sets.items() for mlp, m in mask.masks.items()},
+                 mask_metadata(model=run.loaded.name, weights_sha256=run.whash, method=config.method,
+                               position=config.position, span=config.span, tau_es=run.tau_es, tau_sas=config.tau_sas,
+                               select=config.select, n_harmful=len(run.harmful), n_harmless=len(run.harmless),
+                               harmful_sha256=run.harmful.sha256, harmless_sha256=run.harmless.sha256,
+                               sets=list(sets), run_key=stage.run_key))
     n_neurons = sum(s.d_ff for s in sites)
     totals = {name: mask.count() for name, mask in sets.items()}
     run.timings["write_s"] = time.perf_counter() - t0
