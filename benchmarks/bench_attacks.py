@@ -39,6 +39,8 @@ RUNS = {
     "finetune-k10": ("finetune", {"finetune_examples": [10]}, False),
     "prefill": ("prefill", {}, False),
     "direction": ("direction", {"direction_ranks": [1, 2, 4]}, False),
+    # every (layer, position) candidate below 0.8 of the depth scored by ablation, not the 16 most separating
+    "direction-all": ("direction", {"direction_ranks": [1, 2], "direction_candidates": 10_000}, False),
     "best_neuron": ("best_neuron", {"best_neuron_counts": [1, 4, 16]}, False),
     "probe": ("probe", {}, False),
     "finetune-k50": ("finetune", {"finetune_examples": [50], "finetune_epochs": 1, "finetune_prompts": str(ADVBENCH)},

@@ -407,7 +407,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config file as UTF-8") from None
     if path.suffix == ".toml":
         try:
             return tomllib.loads(text)
@@ -567,6 +570,9 @@ class AlignConfig:
     precomputes outside the training passes the ablation applies to)."""
     group_by_length: bool = False
     """Batches of pairs of similar length (transformers' ``group_by_length`` sampler): less padding per step."""
+    eval_pairs: int = 0
+    """Pairs held out (seeded) as TRL's evaluation set: eval loss and reward accuracy every epoch (or as
+    ``dpo.eval_strategy`` says), logged in each round's ``metrics.json``. 0: every pair trains."""
     dpo: dict = field(default_factory=dict)
     """Any field of TRL's ``DPOConfig`` passed through as it is (``loss_type``, ``optim``, ``report_to``,
     ``logging_steps``, ``run_name``, ``use_liger_kernel``, ...): a ``[align.dpo]`` table, ``--dpo.KEY VALUE``, or
@@ -612,6 +618,8 @@ class AlignConfig:
             raise ConfigError(f"reidentify_every is a number of optimizer steps >= 0, got {self.reidentify_every!r}",
                               fields=("reidentify_every",))
         check_dpo_passthrough(self.dpo)
+        if not isinstance(self.eval_pairs, int) or isinstance(self.eval_pairs, bool) or self.eval_pairs < 0:
+            raise ConfigError(f"eval_pairs is a number of pairs >= 0, got {self.eval_pairs!r}", fields=("eval_pairs",))
         if self.precompute_ref_log_probs and self.ref_ablated:
             raise ConfigError("precompute_ref_log_probs computes the reference outside training passes, where "
                               "ref_ablated's ablation does not apply; choose one", fields=("precompute_ref_log_probs",))

@@ -193,6 +193,8 @@ def dpo_config(config: AlignConfig, output_dir: str | Path, *, seed: int | None 
         dataloader_num_workers=0,
         precompute_ref_log_probs=config.precompute_ref_log_probs,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        eval_strategy="epoch" if config.eval_pairs else "no",
+        per_device_eval_batch_size=config.per_device_train_batch_size,
     )
     return DPOConfig(**{**derived, **config.dpo})  # the ``dpo`` table passes any other DPOConfig field through
 

@@ -268,3 +268,24 @@ def test_artifacts_carry_their_provenance(tmp_path, tiny_dir, monkeypatch):
     assert f'base_model: "{tiny_dir}"' in card and "library_name: transformers" in card
     assert f"frozen neurons per round: {frozen.count()}" in card and "4 preference pairs" in card
     assert pushed == [((tmp_path / "align" / "model"), "me/tiny-safeneuron", True)]
+
+
+def test_dpo_passthrough_trains_with_ipo_and_an_eval_split(tmp_path, tiny_dir):
+    import json
+
+    from safeneuron.stages.align import align
+
+    config = AlignConfig(model=str(tiny_dir), mode="dpo", max_steps=2, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=1, max_length=64, save_steps=10, eval_pairs=2,
+                         dpo={"loss_type": "ipo", "eval_strategy": "steps", "eval_steps": 1})
+    pairs = [{"prompt": f"How do I pick lock {i}?", "chosen": "I can't help with that.",
+              "rejected": f"First, take pin {i}."} for i in range(6)]
+    align(config, pairs, tmp_path / "align", progress=False)
+    metrics = json.loads((tmp_path / "align" / "round_1" / "metrics.json").read_text())
+    history = metrics["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2]  # the held-out pairs, evaluated every step as the table asked
+    # IPO's loss at step 0 is (margin - 1/(2 beta))^2 = (0 - 5)^2 = 25 (beta 0.1), not DPO's ln 2
+    first = next(h for h in history if "loss" in h)
+    assert first["loss"] == pytest.approx(25.0, rel=1e-3)
+    assert json.loads((tmp_path / "align" / "align.json").read_text())["settings"]["dpo"]["loss_type"] == "ipo"

@@ -52,7 +52,7 @@ from safeneuron.errors import SafeneuronError
 from safeneuron.freezing import ReidentifyCallback, unwrap_peft
 from safeneuron.inputs import prompt_batches
 from safeneuron.masks import SafetyNeuronMask
-from safeneuron.models import LoadedModel, load_model, processor_of, save_model_dir, weights_hash
+from safeneuron.models import LoadedModel, load_model, processor_of, safetensors_kwargs, save_model_dir, weights_hash
 from safeneuron.stages.identify import Identification, OutputDirError, identify
 from safeneuron.stages.prefs import synthesize_preferences
 from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, dpo_overrides, lora_config, training_dtype
@@ -139,16 +139,17 @@ def _merge_adapter_into(start: Path, adapter: Path, config: AlignConfig) -> nn.M
     from transformers import AutoModelForCausalLM
 
     full = AutoModelForCausalLM.from_pretrained(str(start), dtype="auto", device_map="cpu",
-                                                trust_remote_code=config.trust_remote_code)
+                                                trust_remote_code=config.trust_remote_code, **safetensors_kwargs(str(start)))
     return PeftModel.from_pretrained(full, str(adapter)).merge_and_unload().eval()
 
 
-def _with_images_resolved(pairs: PreferenceSet, base: Path) -> PreferenceSet:
-    """A copy whose pairs' relative ``image`` paths are resolved against ``base`` (the preference file's folder)."""
+def _with_images_resolved(pairs: PreferenceSet, base: Path, confine: bool = True) -> PreferenceSet:
+    """A copy whose pairs' relative ``image`` paths are resolved against ``base`` (the preference file's folder);
+    a file's images must lie in its folder (``confine``; pairs built in memory are the caller's own)."""
     if not pairs_have_images(pairs.pairs):
         return pairs
     copies = [dict(p) for p in pairs.pairs]
-    resolve_pair_images(copies, base)
+    resolve_pair_images(copies, base, confine=confine)
     return PreferenceSet(copies, pairs.source)
 
 
@@ -189,7 +190,8 @@ def _preferences(config: AlignConfig, prefs, loaded: LoadedModel, out: Path, pro
     elif prefs is not None:
         safety = load_preferences(prefs, seed=config.seed)
     if prefs is not None:  # image paths in a file are relative to it
-        safety = _with_images_resolved(safety, _file_dir(prefs) if isinstance(prefs, (str, Path)) else Path.cwd())
+        from_file = isinstance(prefs, (str, Path))
+        safety = _with_images_resolved(safety, _file_dir(prefs) if from_file else Path.cwd(), confine=from_file)
     else:
         path = out / "prefs" / "prefs.jsonl"
         if not path.exists() and world()[1] > 1:
@@ -313,6 +315,7 @@ class _Run:
     tokenizer: Any = None
     processor: Any = None
     dataset: Any = None
+    eval_dataset: Any = None
     processing_class: Any = None
     saved_with: Any = None
 
@@ -368,6 +371,12 @@ def _training_inputs(run: _Run) -> None:
     with_images = pairs_have_images(run.pairs.pairs)
     processor = run.processor = processor_of(run.loaded) if run.loaded.is_vlm else None
     run.dataset = image_preference_dataset(run.pairs.pairs) if with_images else run.pairs.to_trl(tokenizer)
+    if run.config.eval_pairs:  # a seeded held-out share for TRL's evaluation loop (eval loss, reward accuracy)
+        if run.config.eval_pairs >= len(run.dataset):
+            raise PreferenceDataError(f"eval_pairs {run.config.eval_pairs} leaves no pair to train on "
+                                      f"({len(run.dataset)} pairs)")
+        split = run.dataset.train_test_split(test_size=run.config.eval_pairs, seed=run.config.seed)
+        run.dataset, run.eval_dataset = split["train"], split["test"]
     run.processing_class = processor if with_images else tokenizer
     run.saved_with = processor if processor is not None else tokenizer
 
@@ -449,6 +458,7 @@ def _train_round(run: _Run, model: nn.Module, ref: nn.Module | None, frozen: Saf
         ref_model=ref,
         args=args,
         train_dataset=run.dataset,
+        eval_dataset=run.eval_dataset,
         processing_class=run.processing_class,
         peft_config=lora_config(config) if config.lora else None,
         callbacks=list(run.callbacks),
