@@ -41,6 +41,9 @@ RUNS = {
     "direction": ("direction", {"direction_ranks": [1, 2, 4]}, False),
     # every (layer, position) candidate below 0.8 of the depth scored by ablation, not the 16 most separating
     "direction-all": ("direction", {"direction_ranks": [1, 2], "direction_candidates": 10_000}, False),
+    # the same with a looser utility budget: the strongest candidates (layers 17-18) cost KL 0.4-0.75
+    "direction-kl1": ("direction", {"direction_ranks": [1, 2], "direction_candidates": 32, "direction_kl_budget": 1.0},
+                      False),
     "best_neuron": ("best_neuron", {"best_neuron_counts": [1, 4, 16]}, False),
     "probe": ("probe", {}, False),
     "finetune-k50": ("finetune", {"finetune_examples": [50], "finetune_epochs": 1, "finetune_prompts": str(ADVBENCH)},

@@ -426,12 +426,35 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     raise ConfigError(f"{path}: config must be .toml, .yaml or .yml")
 
 
+#: Config fields added after finished runs were first keyed, with their defaults: a settings hash leaves such a
+#: field out while it holds its default, so a run of an earlier version is still recognised and resumed (a new
+#: setting that is used changes the key). Add a field here when you add it to a config.
+LATE_FIELDS: dict[str, Any] = {
+    "AlignConfig.eval_pairs": 0, "AlignConfig.dpo": {}, "AlignConfig.push_to_hub": None,
+}
+
+
+def _hashed_values(obj):
+    """``asdict(obj)`` without the late fields at their defaults (nested configs too)."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{type(obj).__name__}.{f.name}"
+        if key in LATE_FIELDS and value == LATE_FIELDS[key]:
+            continue
+        out[f.name] = _hashed_values(value) if dataclasses.is_dataclass(value) else asdict(obj)[f.name]
+    return out
+
+
 def settings_hash(obj, exclude: tuple[str, ...] = ()) -> str:
-    """Stable hash of a config's values (fields in ``exclude`` ignored)."""
+    """Stable hash of a config's values (fields in ``exclude`` ignored; :data:`LATE_FIELDS` at their defaults
+    too)."""
     from safeneuron.artifacts import sha256_text
     import json
 
-    data = {k: v for k, v in asdict(obj).items() if k not in exclude}
+    data = {k: v for k, v in _hashed_values(obj).items() if k not in exclude}
     return sha256_text(json.dumps(data, sort_keys=True, default=str))[:16]
 
 
@@ -562,7 +585,7 @@ class AlignConfig:
     """Recompute activations in the backward pass to save memory."""
     bf16: bool | None = None
     """bf16 autocast with float32 master weights; None = on a GPU. On a CPU with AVX512-BF16/AMX ``true`` makes LoRA
-    DPO steps 1.9x faster than float32 (2-core EPYC, ``bench_align.py --parts precision``) but it is not the CPU
+    DPO steps 1.9x faster than float32 (2-vCPU Xeon, ``bench_align.py --parts precision``) but it is not the CPU
     default: a round resumed from a checkpoint then differs from an uninterrupted one in the last digits."""
     precompute_ref_log_probs: bool = False
     """TRL's ``precompute_ref_log_probs``: the reference's log-probs of every pair computed once before training,

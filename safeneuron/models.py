@@ -79,10 +79,22 @@ def processor_of(loaded: LoadedModel) -> object:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: the first CUDA GPU when present, else the CPU."""
+    """``auto``: the first CUDA GPU when present, else the CPU; a device that is not there is a one-line error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"device must be auto, auto-map, cpu, cuda, cuda:N or mps, got {device!r}",
+                             fields=("device",)) from None
+    if target.type == "cuda" and (not torch.cuda.is_available()
+                                  or (target.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ModelLoadError(f"device {device!r} is not available ({have} CUDA GPU(s) visible); use cpu or auto",
+                             fields=("device",))
+    if target.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {device!r} is not available; use cpu or auto", fields=("device",))
+    return target
 
 
 def cpu_has_bf16() -> bool:
@@ -94,7 +106,7 @@ def cpu_has_bf16() -> bool:
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on a GPU, float32 on the CPU. ``fast``: bfloat16 wherever the
     device computes it natively (a GPU, or a CPU with AVX512-BF16/AMX: about 2.4x faster
-    generation than float32 on a 2-core EPYC), else float32; for inference-only stages."""
+    generation than float32 on a 2-vCPU Xeon), else float32; for inference-only stages."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype == "fast":
@@ -121,14 +133,47 @@ def _check_local_dir(path: Path, trust_remote_code: bool) -> None:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: no config.json; not a transformers model directory")
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.gguf"))
+    pickled = [f.name for pattern in PICKLE_WEIGHTS for f in sorted(path.glob(pattern))]
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.gguf")) or pickled
     if not has_weights:
         raise ModelLoadError(f"{path}: model directory has no weights (*.safetensors)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")) and not allow_pickle():
+        raise ModelLoadError(f"{path}: the weights are pickle files only ({', '.join(pickled[:2])}), which can run "
+                             "code when loaded; safeneuron loads safetensors: convert the checkpoint to safetensors "
+                             f"where you trust it (save_pretrained(..., safe_serialization=True)), or set "
+                             f"{ALLOW_PICKLE}=1 to load pickles you trust")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{config_file}: not valid JSON ({err.msg})") from None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object of model settings, got a "
+                             f"{type(config).__name__}")
     _check_config(config, str(path), trust_remote_code)
+
+
+#: Weight files that are Python pickles (``torch.load``); loaded only when the user opts in with
+#: ``SAFENEURON_ALLOW_PICKLE=1``. Everything else loads with ``use_safetensors=True``.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+ALLOW_PICKLE = "SAFENEURON_ALLOW_PICKLE"
+
+
+def allow_pickle() -> bool:
+    """Whether the user opted in to pickle weight files (``SAFENEURON_ALLOW_PICKLE=1``)."""
+    import os
+
+    return os.environ.get(ALLOW_PICKLE, "").strip().lower() in ("1", "true", "yes")
+
+
+def safetensors_kwargs(path: str) -> dict:
+    """``from_pretrained`` keyword arguments that keep pickles out: ``use_safetensors=True`` for a hub id or a
+    directory with safetensors weights (a GGUF-only directory and the pickle opt-in pass nothing)."""
+    if allow_pickle():
+        return {}
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        return {}
+    return {"use_safetensors": True}
 
 
 def _check_config(config: dict, name: str, trust_remote_code: bool) -> None:
@@ -150,7 +195,10 @@ def _check_config(config: dict, name: str, trust_remote_code: bool) -> None:
 def _is_local_vlm(path: str) -> bool:
     """True when ``path`` is a model directory whose config.json has a vision config."""
     config_file = Path(path) / "config.json"
-    return config_file.is_file() and bool(json.loads(config_file.read_text()).get("vision_config"))
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    return isinstance(config, dict) and bool(config.get("vision_config"))
 
 
 def _is_hub_vlm(path: str, trust_remote_code: bool) -> bool:
@@ -210,6 +258,7 @@ def load_model(
             raise ModelLoadError(f"{name}: 4-bit loading of vision-language models is not supported; use LoRA")
         return _load_vlm(name, path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     target, kwargs = _placement(dtype, device, trust_remote_code)
+    kwargs.update(safetensors_kwargs(path))
     map_all, torch_dtype = "device_map" in kwargs, kwargs["dtype"]
     if load_in_4bit:
         kwargs["quantization_config"] = bnb_4bit_config(torch_dtype)
@@ -223,7 +272,7 @@ def load_model(
                                  fields=("trust_remote_code",)) from None
         if "Unrecognized configuration class" in str(err) and _is_hub_vlm(path, trust_remote_code):
             return _load_vlm(name, path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(err)}") from None
+        raise _load_error(name, err) from None
     if not map_all and not load_in_4bit:
         lm.to(target)
     lm.eval()
@@ -250,12 +299,24 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def _load_error(name: str, err: BaseException, what: str = "model") -> ModelLoadError:
+    """The one-line error of a failed ``from_pretrained``: a checkpoint without safetensors weights is named as such
+    (never with torch.load's advice to turn its safety check off)."""
+    text = str(err)
+    if "weights_only" in text or ("safetensors" in text.lower() and not allow_pickle()):
+        return ModelLoadError(f"cannot load {what} {name!r}: it has no safetensors weights (only pickle files, which "
+                              "can run code when loaded); convert it to safetensors where you trust it, or set "
+                              f"{ALLOW_PICKLE}=1 to load pickles you trust")
+    return ModelLoadError(f"cannot load {what} {name!r}: {_first_line(err)}")
+
+
 def _load_vlm(name: str, path: str, *, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
     """A VLM (``AutoModelForImageTextToText``: Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-Next, Idefics3 / SmolVLM,
     Gemma 3, ...) and its processor (``AutoProcessor``)."""
     from transformers import AutoModelForImageTextToText
 
     target, kwargs = _placement(dtype, device, trust_remote_code)
+    kwargs.update(safetensors_kwargs(path))
     map_all, torch_dtype = "device_map" in kwargs, kwargs["dtype"]
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
@@ -263,7 +324,7 @@ def _load_vlm(name: str, path: str, *, dtype: str, device: str, trust_remote_cod
         if "trust_remote_code" in str(err):
             raise ModelLoadError(f"{name}: needs its own code; set trust_remote_code only if you trust it",
                                  fields=("trust_remote_code",)) from None
-        raise ModelLoadError(f"cannot load vision-language model {name!r}: {_first_line(err)}") from None
+        raise _load_error(name, err, "vision-language model") from None
     processor = load_processor(name, path, trust_remote_code)
     if not is_vlm(model):
         raise ModelLoadError(f"{name}: {model.config.model_type!r} has no vision config; load it as a text model")

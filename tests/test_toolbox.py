@@ -289,3 +289,15 @@ def test_dpo_passthrough_trains_with_ipo_and_an_eval_split(tmp_path, tiny_dir):
     first = next(h for h in history if "loss" in h)
     assert first["loss"] == pytest.approx(25.0, rel=1e-3)
     assert json.loads((tmp_path / "align" / "align.json").read_text())["settings"]["dpo"]["loss_type"] == "ipo"
+
+
+def test_a_new_field_at_its_default_keeps_earlier_run_keys():
+    import json
+
+    from safeneuron.artifacts import sha256_text
+    from safeneuron.config import LATE_FIELDS, settings_hash
+
+    config = AlignConfig(rounds=3)
+    earlier = {k: v for k, v in dataclasses.asdict(config).items() if f"AlignConfig.{k}" not in LATE_FIELDS}
+    assert settings_hash(config) == sha256_text(json.dumps(earlier, sort_keys=True, default=str))[:16]
+    assert settings_hash(dataclasses.replace(config, eval_pairs=4)) != settings_hash(config)  # used: a new key
