@@ -146,7 +146,7 @@ class ActivationStats:
             if not key.endswith(".count"):
                 continue
             stem = key[: -len(".count")]
-            group, mlp = stem.split("|", 1)
+            group, mlp = stem.rsplit("|", 1)  # a category name may hold "|"; a module name does not
             out.groups.setdefault(group, {})[mlp] = NeuronStats(
                 int(tensors[key][0]), tensors[f"{stem}.mean"].to(torch.float64), tensors[f"{stem}.m2"].to(torch.float64)
             )

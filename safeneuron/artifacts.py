@@ -10,6 +10,7 @@ from __future__ import annotations
 from safeneuron.errors import SafeneuronError
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,6 +37,15 @@ __all__ = [
     "load_tensors",
     "sha256_file",
     "sha256_text",
+    "source_digest",
+    "safe_file_names",
+    "jsonl_line",
+    "jsonl_lines",
+    "write_jsonl",
+    "read_jsonl",
+    "check_out_dir",
+    "stage_lock",
+    "LockError",
     "ArtifactError",
     "StageDir",
 ]
@@ -159,6 +169,187 @@ def sha256_text(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
 
+def source_digest(source: str | os.PathLike | None) -> str | None:
+    """A data setting by what it names, for run keys: an existing file as ``sha256:<hex of its bytes>`` (however
+    its path is spelt), anything else (``builtin:``, ``hf:``, a set name) as it is; None stays None."""
+    if source is None:
+        return None
+    try:
+        if Path(str(source)).is_file():
+            return "sha256:" + sha256_file(source)
+    except OSError:
+        pass
+    return str(source)
+
+
+def safe_file_names(names: Iterable[str], max_len: int = 64) -> dict[str, str]:
+    """A unique, safe file stem per name (a harm category, a model name): a name that is already short and made of
+    letters, digits, ``-``, ``_`` and ``.`` is kept; any other is cleaned (other characters become ``_``), cut to
+    ``max_len`` characters and given 8 hex digits of its sha256, so ``a b``, ``a_b``, ``a/b`` and ``a?b`` get four
+    files, and no two names differ only by letter case (case-insensitive file systems)."""
+    import re
+
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    names = list(dict.fromkeys(str(n) for n in names))
+    plain = [n for n in names if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", n) and len(n) <= max_len]
+    for name in plain + [n for n in names if n not in plain]:
+        stem = name
+        if name not in plain or stem.lower() in taken:
+            cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:max_len] or "x"
+            stem = f"{cleaned}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+        out[name] = stem
+        taken.add(stem.lower())
+    return {n: out[n] for n in names}
+
+
+# --------------------------------------------------------------------------- JSONL
+#: Characters ``json.dumps(ensure_ascii=False)`` leaves raw that :meth:`str.splitlines` (and so many readers) treats
+#: as line breaks; written escaped, so every reader sees one record a line.
+_LINE_BREAKS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}  # json escapes the controls < 0x20
+
+
+def jsonl_line(record: Any) -> str:
+    """One JSONL line (with its ``\\n``): non-ASCII text kept readable, every character another reader could take
+    for a line break (U+2028, U+2029, NEL) escaped."""
+    return json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+
+
+def jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """The non-blank lines of JSONL text with their 1-based numbers, split on ``\\n`` only (a JSON string may hold
+    U+2028 and other characters :meth:`str.splitlines` breaks at; a ``\\r\\n`` ending is dropped)."""
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """Write one record a line (:func:`jsonl_line`), atomically."""
+    write_text(path, "".join(jsonl_line(r) for r in records))
+
+
+def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False) -> list[Any]:
+    """The records of a JSONL artifact (lines split on ``\\n`` only); a malformed line is an error naming it, or
+    skipped with ``skip_bad`` (a cache whose last line a kill tore)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not found") from None
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{path}: not UTF-8 text ({err})") from None
+    out = []
+    for n, line in jsonl_lines(text):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if not skip_bad:
+                raise ArtifactError(f"{path}:{n}: malformed JSON line ({err.msg})") from None
+    return out
+
+
+# --------------------------------------------------------------------------- output directories
+def check_out_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """``path`` can be a directory to write into: not a file, not a symlink loop, not below a file; a one-line
+    error naming the problem otherwise. Returns the path (not created)."""
+    path = Path(path)
+    try:
+        resolved = path.resolve(strict=False)
+    except (RuntimeError, OSError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ArtifactError(f"{path}: cannot be used as the {what} ({_reason(err)})", fields=("out",)) from None
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ArtifactError(f"{path}: cannot be used as the {what} (a symlink loop)", fields=("out",)) \
+                    from None
+    for parent in (resolved, *resolved.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == resolved else f"is below {parent}, which is a file"
+                raise ArtifactError(f"{path}: {where}; the {what} must be a directory", fields=("out",))
+            break
+    return path
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno == errno.ELOOP or "loop" in str(err).lower():
+        return "a symlink loop"
+    return getattr(err, "strerror", None) or str(err)
+
+
+class LockError(SafeneuronError):
+    """Another process is writing into the same stage directory."""
+
+
+LOCK_FILE = ".safeneuron.lock"
+_HELD: dict[str, list] = {}  # resolved directory -> [open lock file, depth]: a process may nest its own stages
+
+
+@contextlib.contextmanager
+def stage_lock(path: str | os.PathLike, what: str = "a run", *, main: bool = True) -> Iterator[Path]:
+    """Hold ``path/.safeneuron.lock`` (an exclusive ``flock`` holding this process's PID) while a stage writes into
+    ``path``: a second process asking for it fails at once with a :class:`LockError` naming the process that holds
+    it. The kernel drops the lock when its process dies, so a stale file of a dead process never blocks; the file
+    is removed on release. Re-entrant within a process; only the ``main`` process of a launch takes it."""
+    path = check_out_dir(path)
+    if not main:
+        yield path
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key][1] -= 1
+        return
+    fh = _acquire(path / LOCK_FILE, path, what)
+    _HELD[key] = [fh, 1]
+    try:
+        yield path
+    finally:
+        del _HELD[key]
+        _release(fh, path / LOCK_FILE)
+
+
+def _acquire(lock: Path, folder: Path, what: str):
+    import fcntl
+
+    for _ in range(10):
+        fh = open(lock, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise LockError(f"{folder} is in use by process {holder} ({what} writing there); wait for it to finish "
+                            "or choose another output directory", fields=("out",)) from None
+        try:  # the file may have been removed by the holder we waited for: lock the one on disk
+            same = os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            return fh
+        fh.close()
+    raise LockError(f"{folder}: could not take the lock {lock.name}", fields=("out",))  # pragma: no cover
+
+
+def _release(fh, lock: Path) -> None:
+    import fcntl
+
+    try:
+        lock.unlink(missing_ok=True)
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
 @dataclass
 class StageDir:
     """A stage's output directory, kept the same way by every stage that has a run key.
@@ -218,6 +409,7 @@ class StageDir:
         """Make the directory this run's: artifacts of another run (:meth:`foreign`) are an error, or with
         ``overwrite`` the files and folders matching ``remove`` (globs; the manifest always) are deleted by
         the main process after every process called ``sync``. Creates the directory."""
+        check_out_dir(self.path)
         foreign = self.foreign(patterns)
         if foreign and not overwrite:
             where = f" ({foreign[0].relative_to(self.path)})" if foreign[0].name != self.manifest else ""

@@ -118,6 +118,8 @@ def _fit(name: str, value, tp):
     if tp in (int, float):
         return _number(name, value, tp)
     if tp is str:
+        if isinstance(value, Path):  # a library caller's path is its text
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be text, got {value!r}", fields=(name,))
         return value

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safeneuron.artifacts import sha256_text
+from safeneuron.artifacts import jsonl_lines, sha256_text
 from safeneuron.data.images import MultimodalPrompt, image_sha256, is_image_text
 from safeneuron.inputs import _prepare_tokenizer, model_device, prompt_batches, tokenizer_of
 
@@ -44,7 +44,7 @@ def read_cache(path: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     if not path.exists():
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for _, line in jsonl_lines(path.read_text(encoding="utf-8")):  # "\n" only: answers may hold U+2028
         try:
             rec = json.loads(line)
             out[rec["key"]] = rec["response"]

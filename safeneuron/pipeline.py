@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safeneuron.artifacts import StageDir, read_json, timestamp, versions, write_json
+from safeneuron.artifacts import ArtifactError, check_out_dir, read_json, sha256_text, stage_lock, timestamp, versions, write_json
 from safeneuron.config import (  # the main job's settings live with every other config
     DEFAULT_CONFIG,
     MAIN_JOB,
@@ -67,6 +67,8 @@ class _Job:
     t_start: float
     base_path: str = ""
     splits: dict = field(default_factory=dict)  # "harmful" / "harmless" -> PromptSplit
+    keys: dict = field(default_factory=dict)  # stage -> its config key (:func:`stage_keys`)
+    redo: set = field(default_factory=set)  # finished stages redone with overwrite (their settings changed)
 
     def stage_config(self, stage: str):
         """The stage's config: the attacker's identification settings (the defender's, with
@@ -106,7 +108,8 @@ class _Job:
         result = fn()
         wall = time.perf_counter() - t0
         previous = self.record["stages"].get(name, {})
-        self.record["stages"][name] = {"settings_hash": key, "wall_s": round(wall, 2), "status": "done",
+        self.record["stages"][name] = {"settings_hash": key, "config_key": self.keys.get(name), "wall_s": round(wall, 2),
+                                       "status": "done",
                                        "first_run_wall_s": previous.get("first_run_wall_s", round(wall, 2))}
         write_json(self.out / "run.json", self.record)
         gc.collect()
@@ -122,9 +125,27 @@ class _Job:
         return {"base": self.base_path, **{m: str(self.out / "align" / m / "model") for m in self.config.modes}}
 
 
-def run(config: RunConfig | None = None, *, stages: tuple[str, ...] = STAGES, progress: bool = True) -> dict:
-    """Run the main job; returns the run record (also ``DIR/run.json``)."""
-    job = _start(config or load_run_config(), stages, progress)
+def run(config: RunConfig | None = None, *, stages: tuple[str, ...] = STAGES, progress: bool = True,
+        overwrite: bool = False) -> dict:
+    """Run the main job; returns the run record (also ``DIR/run.json``).
+
+    Every stage's settings (names included) are checked before any work. A directory holding a run of other
+    settings resumes the stages whose settings did not change (a stage that failed is simply run); finished stages
+    whose settings changed are an error, or with ``overwrite`` redone together with the stages after them. The run
+    directory is locked while the job runs: a second job into it is refused.
+    """
+    config = config or load_run_config()
+    config.validate()
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
+    _preflight(config)
+    with stage_lock(check_out_dir(config.out, "run directory"), "a main job"):
+        return _run(config, stages, progress, overwrite)
+
+
+def _run(config: RunConfig, stages: tuple[str, ...], progress: bool, overwrite: bool) -> dict:
+    job = _start(config, stages, progress, overwrite)
     _split_prompts(job)  # 0. disjoint prompts for every stage, by construction
     base = load_model(job.config.model, dtype=job.config.dtype, device=job.config.device)
     job.base_path = base.path
@@ -145,23 +166,87 @@ def run(config: RunConfig | None = None, *, stages: tuple[str, ...] = STAGES, pr
     return _finish(job)
 
 
-def _start(config: RunConfig, stages: tuple[str, ...], progress: bool) -> _Job:
-    """Validate every stage's settings, open the run directory and its record (refusing another run's)."""
-    config.validate()
-    for s in stages:
-        if s not in STAGES:
-            raise ConfigError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-    stage = StageDir(Path(config.out), "run.json", settings_hash(config, exclude=("out",)), "a run",
-                     SafeneuronError, key_field="settings_hash",
-                     remedy="choose another output directory or delete it to start over", fields=("out",))
-    stage.claim()
-    record = read_json(stage.path / "run.json") if (stage.path / "run.json").exists() else {}
-    record.update({"settings_hash": stage.run_key, "settings": asdict(config), "quick": config.quick, "long": config.long,
+def stage_keys(config: RunConfig) -> dict[str, str]:
+    """A key per stage of the main job for what its settings are, chained in stage order (a stage's key changes
+    when its own settings or an earlier stage's change): ``identify``, ``prefs``, ``align/<mode>``, ``evaluate``,
+    ``analyze``. Settings only (no path spellings: the stages' own run keys hash the data and weights)."""
+    keys: dict[str, str] = {}
+    chain = sha256_text(config.attacker_prompts, config.attacker_settings)
+    for stage in ("identify", "prefs", "align", "evaluate", "analyze"):
+        chain = sha256_text(chain, settings_hash(config.stage_config(stage), exclude=("device",)))[:16]
+        if stage == "align":
+            keys.update({f"align/{m}": sha256_text(chain, m)[:16] for m in config.modes})
+            chain = sha256_text(chain, *config.modes)[:16]
+        else:
+            keys[stage] = chain
+    return keys
+
+
+#: The stages of a main job in the order they run (what a changed stage's successors are).
+STAGE_ORDER = ("identify", "prefs", "align", "evaluate", "analyze", "report")
+
+
+def _order(name: str) -> int:
+    return STAGE_ORDER.index(name.split("/", 1)[0]) if name.split("/", 1)[0] in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def _start(config: RunConfig, stages: tuple[str, ...], progress: bool, overwrite: bool = False) -> _Job:
+    """Open the run directory and its record: a run of other settings there goes on with the stages whose settings
+    did not change; finished stages whose settings did are an error, or redone with ``overwrite`` (with the stages
+    after them)."""
+    out = Path(config.out)
+    run_key = settings_hash(config, exclude=("out",))
+    keys = stage_keys(config)
+    try:
+        record = read_json(out / "run.json") if (out / "run.json").exists() else {}
+    except ArtifactError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
+        raise SafeneuronError(f"{out}/run.json is not a safeneuron run record; choose another output directory or "
+                              "delete it to start over", fields=("out",))
+    redo: set[str] = set()
+    if record and record.get("settings_hash") != run_key:
+        changed = sorted((name for name, info in record.get("stages", {}).items()
+                          if name != "report" and isinstance(info, dict) and info.get("status") == "done"
+                          and info.get("config_key") != keys.get(name)), key=_order)
+        if changed and not overwrite:
+            raise SafeneuronError(f"{out} holds a run with other settings: the finished stage(s) {', '.join(changed)} "
+                                  "would change; run with --overwrite to redo them and the stages after them (the "
+                                  "others are kept), or choose another output directory", fields=("overwrite", "out"))
+        if changed:
+            first = min(_order(n) for n in changed)
+            redo = set(changed) | {n for n in (*keys, "report") if _order(n) > first}
+            logger.info("settings changed; redoing %s", ", ".join(sorted(redo, key=_order)))
+    out.mkdir(parents=True, exist_ok=True)
+    record.update({"settings_hash": run_key, "settings": asdict(config), "quick": config.quick, "long": config.long,
                    "versions": versions()})
     record.setdefault("stages", {})
     record["started"] = timestamp()
-    write_json(stage.path / "run.json", record)
-    return _Job(config, stage.path, record, progress, time.perf_counter())
+    write_json(out / "run.json", record)
+    return _Job(config, out, record, progress, time.perf_counter(), keys=keys, redo=redo)
+
+
+def _preflight(config: RunConfig) -> None:
+    """What would fail late in the job, checked before any work: the evaluation's judge, its multiple-choice file,
+    and every local file a stage names (prompt, text and preference files, masks)."""
+    from safeneuron.evaluation.capability import load_mc
+    from safeneuron.evaluation.judges import check_judge_spec
+
+    evaluate = config.stage_config("evaluate")
+    check_judge_spec(evaluate.judge)
+    if evaluate.mc_file:
+        load_mc(evaluate.mc_file, n=1)
+    align = config.stage_config("align")
+    named = {"[evaluate] xstest": evaluate.xstest, "[evaluate] redteam": evaluate.redteam,
+             "[evaluate] ppl_file": evaluate.ppl_file, "[evaluate] mask": evaluate.mask, "[align] general": align.general,
+             "[align] mask": align.mask, "[prefs] mask": config.stage_config("prefs").mask,
+             "[identify] verify_harmful": config.stage_config("identify").verify_harmful}
+    for what, source in named.items():
+        text = str(source or "")
+        if not text or text.startswith(("builtin", "hf:")) or ("/" not in text and "." not in text):
+            continue  # off, built in, a hub dataset or a set name
+        if not Path(text).exists():
+            raise ConfigError(f"{what}: {text} not found")
 
 
 def _finish(job: _Job) -> dict:
@@ -193,7 +278,8 @@ def _split_prompts(job: _Job) -> None:
 def _identify_base(job: _Job, base: LoadedModel) -> None:
     config = job.stage_config("identify")
     ident = job.stage("identify", settings_hash(config),
-                      lambda: identify(config, job.out / "identify", loaded=base, progress=job.progress))
+                      lambda: identify(config, job.out / "identify", loaded=base, overwrite="identify" in job.redo,
+                                       progress=job.progress))
     logger.info("base model: %d safety neurons (union)", ident.union.count())
 
 
@@ -201,6 +287,8 @@ def _synthesise_prefs(job: _Job, base: LoadedModel) -> None:
     config = job.stage_config("prefs")
 
     def make_prefs():
+        if "prefs" in job.redo:  # its settings (or the identification's) changed: synthesised again
+            job.prefs_file.unlink(missing_ok=True)
         if job.prefs_file.exists():
             logger.info("%s exists; reusing it", job.prefs_file)
             return None
@@ -216,13 +304,15 @@ def _align_every_mode(job: _Job) -> None:
         if mode != "dpo" and config.mask is None:
             config.mask = str(job.out / "identify" / "safety_neurons.safetensors")  # round 1 reuses stage 1
         job.stage(f"align/{mode}", settings_hash(config),
-                  lambda: align(config, job.prefs_file, job.out / "align" / mode, progress=job.progress))
+                  lambda: align(config, job.prefs_file, job.out / "align" / mode, overwrite=f"align/{mode}" in job.redo,
+                                progress=job.progress))
 
 
 def _evaluate_models(job: _Job) -> None:
     config = job.stage_config("evaluate")
     job.stage("evaluate", settings_hash(config),  # models are loaded one at a time
-              lambda: evaluate_models(job.models, config, job.out / "evaluate", progress=job.progress))
+              lambda: evaluate_models(job.models, config, job.out / "evaluate", progress=job.progress,
+                                      overwrite="evaluate" in job.redo))
     _cards_with_evaluation(job)
 
 

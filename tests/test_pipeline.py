@@ -91,9 +91,10 @@ def test_run_refuses_a_directory_of_other_settings(tmp_path, tiny_dir):
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"settings_hash": "something-else", "stages": {}}))
+    (out / "run.json").write_text(json.dumps({"settings_hash": "something-else", "stages": {
+        "identify": {"settings_hash": "x", "config_key": "another", "status": "done"}}}))
     config = load_run_config(write_tiny_run_config(tmp_path, tiny_dir), out=str(out))
-    with pytest.raises(SafeneuronError, match="holds a run with other settings"):
+    with pytest.raises(SafeneuronError, match="holds a run with other settings: the finished stage.s. identify"):
         pipeline.run(config, progress=False)
 
 

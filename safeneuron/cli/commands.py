@@ -37,8 +37,11 @@ __all__ = ["Command", "COMMANDS", "add_commands"]
 
 # --------------------------------------------------------------------------- what each command does
 def cmd_identify(args: argparse.Namespace) -> int:
+    from safeneuron.config import ConfigError
     from safeneuron.stages.identify import identify
 
+    if args.top < 0:  # checked before the work, not when the summary is printed
+        raise ConfigError(f"--top is a number of neurons >= 0, got {args.top}")
     result = identify(config_from_args(IdentifyConfig, args), args.out, overwrite=args.overwrite,
                       progress=not args.no_progress)
     print(identify_summary(result, top=args.top))
@@ -53,6 +56,10 @@ def cmd_prefs(args: argparse.Namespace) -> int:
 
     config = config_from_args(PrefsConfig, args).resolved()
     out = Path(args.out)
+    if out.is_dir():  # before any work
+        from safeneuron.config import ConfigError
+
+        raise ConfigError(f"--out {out} is a directory; prefs writes a JSONL file (e.g. {out / 'prefs.jsonl'})")
     if config.source:
         result = load_preferences(config.source, format=config.format, prefer=config.prefer, split=config.split,
                                   limit=config.limit, seed=config.seed)
@@ -93,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from safeneuron.stages.evaluate import evaluate_models, results_markdown
 
     results = evaluate_models(args.model or [None], config_from_args(EvalConfig, args), args.out,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, overwrite=args.overwrite)
     print(results_markdown(results))
     print(f"results: {(Path(args.out) / 'results.json').resolve()} ({results.get('wall_time_s', 0):.0f} s)")
     return 0
@@ -122,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, out=args.out, quick=True if args.quick else None,
                              long=True if args.long else None, model=args.model)
-    run(config, stages=tuple(args.stages.split(",")) if args.stages else STAGES, progress=not args.no_progress)
+    run(config, stages=tuple(args.stages.split(",")) if args.stages else STAGES, progress=not args.no_progress,
+        overwrite=args.overwrite)
     print(run_summary(Path(config.out)))
     return 0
 
@@ -208,6 +216,8 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
                    help="model to evaluate (hub id, directory, embedded name); repeat for several (default: the "
                         "embedded default)")
     _out("eval")(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an evaluation of other settings in --out (one of the same settings is merged into)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -218,6 +228,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long", action="store_true", help="long profile (configs/long.toml): every attack at every "
                                                        "budget, a 5-round iterative attack, a larger evaluation")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the finished stages whose settings changed (and the stages after them); the others "
+                        "are kept")
 
 
 def _sweep_flags(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safeneuron.artifacts import jsonl_lines
 from safeneuron.errors import SafeneuronError
 
 __all__ = ["read_records", "RECORD_SUFFIXES"]
@@ -72,12 +73,11 @@ def read_records(
         return []
     if suffix == ".jsonl":
         records = []
-        for n, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise error(f"{path}:{n}: malformed JSON line ({err.msg})") from None
+        for n, line in jsonl_lines(text):  # split on "\n" only
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{n}: malformed JSON line ({err.msg})") from None
         return records
     if suffix == ".json":
         try:

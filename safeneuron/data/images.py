@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
-from safeneuron.artifacts import sha256_file, sha256_text
+from safeneuron.artifacts import jsonl_lines, sha256_file, sha256_text
 from safeneuron.data.prompts import CATEGORY_COLUMNS, PROMPT_COLUMNS, PromptFileError, PromptSet, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ __all__ = [
     "image_preference_dataset",
     "pairs_have_images",
     "resolve_pair_images",
+    "open_image",
+    "confined_image_path",
+    "allowed_image_dirs",
+    "MAX_IMAGE_PIXELS",
+    "IMAGE_DIRS_ENV",
     "images_sha256",
 ]
 
@@ -70,6 +75,38 @@ IMAGE_COLUMNS = ("image", "image_path", "img", "file")
 MULTIMODAL_BUILTINS = ("harmful", "harmless", "harmless_typographic")
 
 ImageSource = Union[Image.Image, str, Path, Callable[[], Image.Image]]
+
+#: The largest image safeneuron opens, in pixels (our own limit, checked from the file's header before its pixels
+#: are decoded; below Pillow's decompression-bomb guard): 40 megapixels, e.g. 8000 x 5000.
+MAX_IMAGE_PIXELS = 40_000_000
+#: Folders (separated by ``os.pathsep``) that image paths in image+text files may point into besides the file's own
+#: folder; by default an image path (relative or absolute) must resolve inside the file's folder.
+IMAGE_DIRS_ENV = "SAFENEURON_IMAGE_DIRS"
+
+
+def allowed_image_dirs(base: str | Path) -> list[Path]:
+    """The folders an image path of a file in ``base`` may resolve into: ``base`` and those of
+    :data:`IMAGE_DIRS_ENV`."""
+    import os
+
+    extra = [Path(p).expanduser() for p in os.environ.get(IMAGE_DIRS_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path(base).resolve(), *(p.resolve() for p in extra)]
+
+
+def confined_image_path(image, base: str | Path, where: str) -> Path:
+    """``image`` (a path as written in a file) resolved against ``base``, the file's folder: it must lie inside
+    ``base`` or a folder of :data:`IMAGE_DIRS_ENV` (``../`` and absolute paths elsewhere, symlinks out included,
+    are refused) and be a file."""
+    path = Path(str(image)).expanduser()
+    path = path if path.is_absolute() else Path(base) / path
+    resolved = path.resolve()
+    roots = allowed_image_dirs(base)
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise MultimodalPromptError(f"{where}: image {str(image)!r} is outside {roots[0]}; images must lie in the "
+                                    f"file's folder (or below), or name their folder in {IMAGE_DIRS_ENV}")
+    if not resolved.is_file():
+        raise MultimodalPromptError(f"{where}: image {path} not found")
+    return path
 
 
 class MultimodalPromptError(PromptFileError):
@@ -97,14 +134,28 @@ class MultimodalPrompt:
         if callable(image) and not isinstance(image, Image.Image):
             image = image()
         elif isinstance(image, (str, Path)):
-            try:
-                with Image.open(image) as opened:
-                    image = opened.convert("RGB")
-            except FileNotFoundError:
-                raise MultimodalPromptError(f"{image}: image not found") from None
-            except OSError as err:
-                raise MultimodalPromptError(f"{image}: cannot read image ({err})") from None
+            image = open_image(image)
         return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An image file as RGB, refused above :data:`MAX_IMAGE_PIXELS` (read from its header, before decoding) and when
+    Pillow sees a decompression bomb; a one-line error for any unreadable file."""
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise MultimodalPromptError(f"{path}: image is {width} x {height} pixels, above safeneuron's limit of "
+                                            f"{MAX_IMAGE_PIXELS:,} (images.MAX_IMAGE_PIXELS); resize it")
+            return opened.convert("RGB")
+    except MultimodalPromptError:
+        raise
+    except FileNotFoundError:
+        raise MultimodalPromptError(f"{path}: image not found") from None
+    except Image.DecompressionBombError as err:
+        raise MultimodalPromptError(f"{path}: refused as a decompression bomb ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:  # truncated, unknown format, corrupt header
+        raise MultimodalPromptError(f"{path}: cannot read image ({err})") from None
 
 
 def image_sha256(image: Image.Image) -> str:
@@ -392,12 +443,10 @@ def _read_jsonl(path: Path, text_column: str | None, image_column: str | None) -
         raise MultimodalPromptError(f"{path}: expected a .jsonl file of image+text rows")
     records = []
     try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")  # JSONL lines end in \n only
+        lines = jsonl_lines(path.read_text(encoding="utf-8-sig"))  # JSONL lines end in \n only
     except UnicodeDecodeError:
         raise MultimodalPromptError(f"{path}: not UTF-8 text, expected a JSONL file") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -422,11 +471,7 @@ def _read_jsonl(path: Path, text_column: str | None, image_column: str | None) -
         text, image = record.get(text_col), record.get(image_col)
         if text in (None, "") or image in (None, ""):
             raise MultimodalPromptError(f"{path}:{n}: row lacks {text_col!r} or {image_col!r}")
-        image_path = Path(str(image)).expanduser()
-        if not image_path.is_absolute():
-            image_path = path.parent / image_path
-        if not image_path.is_file():
-            raise MultimodalPromptError(f"{path}:{n}: image {image_path} not found")
+        image_path = confined_image_path(image, path.parent, f"{path}:{n}")
         category = record.get(cat_col) if cat_col else None
         prompts.append(MultimodalPrompt(str(text), image_path, str(category) if category not in (None, "") else None))
     return prompts
@@ -498,9 +543,8 @@ class MultimodalPromptSet:
 def _jsonl_has_image_column(path: Path, image_column: str | None) -> bool:
     """True when a JSONL file's first record has an image column (an image+text prompt file)."""
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            first = next((line for line in fh if line.strip()), "")
-        record = json.loads(first) if first else {}
+        lines = jsonl_lines(path.read_text(encoding="utf-8-sig"))
+        record = json.loads(lines[0][1]) if lines else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False  # the text loader reports what is wrong with the file
     return isinstance(record, dict) and (_pick(list(record), (image_column,) if image_column else IMAGE_COLUMNS)
@@ -555,9 +599,10 @@ def pairs_have_images(pairs: Sequence[Mapping]) -> bool:
     return any(p.get("image") not in (None, "") for p in pairs)
 
 
-def resolve_pair_images(pairs: Sequence[dict], base: str | Path) -> None:
+def resolve_pair_images(pairs: Sequence[dict], base: str | Path, *, confine: bool = True) -> None:
     """Make relative ``image`` paths of preference pairs absolute (relative to ``base``, the file's folder), in place;
-    a missing image is a one-line error naming the pair."""
+    a missing image is a one-line error naming the pair. With ``confine`` (pairs read from a file) every image must
+    lie in ``base`` or a folder of :data:`IMAGE_DIRS_ENV` (:func:`confined_image_path`)."""
     base = Path(base)
     for i, pair in enumerate(pairs):
         image = pair.get("image")
@@ -565,10 +610,13 @@ def resolve_pair_images(pairs: Sequence[dict], base: str | Path) -> None:
             continue
         if not isinstance(image, (str, Path)):
             raise MultimodalPromptError(f"pair {i}: 'image' must be a path to an image file, got {type(image).__name__}")
-        path = Path(str(image)).expanduser()
-        path = path if path.is_absolute() else base / path
-        if not path.is_file():
-            raise MultimodalPromptError(f"pair {i}: image {path} not found")
+        if confine:
+            path = confined_image_path(image, base, f"pair {i}")
+        else:
+            path = Path(str(image)).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise MultimodalPromptError(f"pair {i}: image {path} not found")
         pair["image"] = str(path)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from safeneuron.artifacts import read_json, sha256_text, write_text
+from safeneuron.artifacts import read_json, sha256_text, write_jsonl
 from safeneuron.data.files import read_records
 from safeneuron.data.prompts import PLAIN_FORMAT, builtin_path
 from safeneuron.errors import SafeneuronError
@@ -86,7 +86,7 @@ class PreferenceSet:
     def write_jsonl(self, path: str | Path) -> Path:
         """Write one pair per line, atomically."""
         path = Path(path)
-        write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in self.pairs))
+        write_jsonl(path, self.pairs)  # U+2028 and the like escaped: one pair a line for any reader
         return path
 
     def to_trl(self, tokenizer=None):
@@ -151,6 +151,58 @@ def _read_records(source: str, split: str) -> list[dict]:
 
 def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+#: Chat roles a pair's messages may take; ShareGPT's ``human`` / ``gpt`` (and its ``from`` / ``value`` keys) are
+#: read as ``user`` / ``assistant``.
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+
+
+def _kind(value) -> str:
+    """What a wrong value is, for messages: ``a number``, ``a list of strings``, ..."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {'/'.join(kinds)}" if kinds else "an empty list"
+    return type(value).__name__
+
+
+def _as_chat(value, source: str, n: int, field: str):
+    """A list of message objects as ``[{"role", "content"}]`` with the roles checked (ShareGPT's ``from`` /
+    ``value`` keys and ``human`` / ``gpt`` roles read as ``user`` / ``assistant``); anything else as it is."""
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        return value
+    out = []
+    for m in value:
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role is None or content is None:
+            return value  # not chat messages: the pair's type check names it
+        mapped = ROLES.get(str(role).strip().lower())
+        if mapped is None:
+            raise PreferenceDataError(f"{source}: record {n}: {field} has a message of role {role!r}; chat messages "
+                                      "take the roles system, user and assistant (ShareGPT's human and gpt are read "
+                                      "as user and assistant)")
+        if not isinstance(content, str):
+            raise PreferenceDataError(f"{source}: record {n}: {field} has a message whose content is {_kind(content)}; "
+                                      "expected text")
+        out.append({"role": mapped, "content": content})
+    return out
+
+
+def _check_pair_types(pair: dict, source: str, n: int) -> None:
+    """``prompt`` is text or chat messages, ``chosen`` and ``rejected`` too (None and empty text are left to the
+    empty-side count): a number or a list of strings would be trained on as its Python spelling."""
+    for field in ("prompt", "chosen", "rejected"):
+        value = pair.get(field)
+        if value is None or isinstance(value, str) or (_is_messages(value) and value):
+            continue
+        raise PreferenceDataError(f"{source}: record {n}: {field} is {_kind(value)}; expected text or chat messages "
+                                  "([{\"role\": ..., \"content\": ...}])")
 
 
 def _detect(columns: Sequence[str], first: dict) -> str:
@@ -231,7 +283,7 @@ def _to_pair(rec: dict, fmt: str, prefer: str, source: str, n: int) -> dict | No
             if k in rec:
                 pair["category"] = rec[k]
         return pair
-    chosen, rejected, prompt = rec.get("chosen"), rec.get("rejected"), rec.get("prompt")
+    chosen, rejected, prompt = (_as_chat(rec.get(k), source, n, k) for k in ("chosen", "rejected", "prompt"))
     if _is_messages(chosen) and _is_messages(rejected):
         split_prompt, chosen, rejected = _split_conversations(chosen, rejected)
         if prompt is None or (isinstance(prompt, str) and split_prompt == prompt):
@@ -297,6 +349,7 @@ def load_preferences(
         if pair is None:
             malformed += 1
             continue
+        _check_pair_types(pair, src, n)
         if not (_usable(pair["chosen"]) and _usable(pair["rejected"])):
             empty += 1
             continue

@@ -133,11 +133,14 @@ def _from_records(records: list, source: str, column: str | None) -> PromptSet:
         records = kept
     cat_col = _pick(columns, CATEGORY_COLUMNS)
     prompts, categories = [], []
-    for r in records:
+    for n, r in enumerate(records, 1):
         value = r.get(prompt_col)
         if value is None:
             continue
-        prompts.append(str(value))
+        if not isinstance(value, str):  # a list, object or number would become its Python spelling
+            kind = "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+            raise PromptFileError(f"{source}: record {n}: {prompt_col} is {kind} ({str(value)[:40]}), expected text")
+        prompts.append(value)
         cat = r.get(cat_col) if cat_col else None
         categories.append(str(cat) if cat not in (None, "") else None)
     return PromptSet(prompts, categories, source)

@@ -10,13 +10,12 @@ or alignment, whatever the sizes; the parts and their hashes are recorded in
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from safeneuron.artifacts import write_text
+from safeneuron.artifacts import write_jsonl
 from safeneuron.data.prompts import PromptFileError, PromptSet, load_prompts
 
 __all__ = ["PromptSplit", "split_prompts", "overlap"]
@@ -64,8 +63,7 @@ def split_prompts(pool: PromptSet, sizes: Mapping[str, int | None], *, seed: int
     if out is not None:
         for name, ps in parts.items():
             path = Path(out) / f"{stem}_{name}.jsonl"
-            write_text(path, "".join(json.dumps({"prompt": p, "category": c}, ensure_ascii=False) + "\n"
-                                     for p, c in zip(ps.prompts, ps.categories)))
+            write_jsonl(path, ({"prompt": p, "category": c} for p, c in zip(ps.prompts, ps.categories)))
             files[name] = str(path)
     return PromptSplit(pool, parts, seed, files)
 

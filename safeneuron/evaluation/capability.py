@@ -105,8 +105,9 @@ def load_mc(path: str | Path, n: int | None = None, seed: int = 0) -> list[MCQue
     option_cols = [columns[c.lower()] for c in LETTERS + ("E",) if c.lower() in columns]
     out = []
     first_line = 1 if path.suffix.lower() in (".jsonl", ".json") else 2  # a CSV has its header first
+    blank_inside = 0
     for line, r in enumerate(rows, first_line):
-        options = tuple(str(r[c]).strip() for c in option_cols if r.get(c) not in (None, ""))
+        given = [str(r.get(c) or "").strip() for c in option_cols]  # by letter: the answer names a column
         raw = str(r[columns["answer"]]).strip().upper()
         if raw.isdigit():
             answer = int(raw)
@@ -114,11 +115,22 @@ def load_mc(path: str | Path, n: int | None = None, seed: int = 0) -> list[MCQue
             answer = ord(raw) - ord("A")
         else:
             raise MCFileError(f"{path}:{line}: answer {raw!r} is neither a letter A-E nor a 0-based index")
-        if not 0 <= answer < len(options):
-            raise MCFileError(f"{path}:{line}: answer {raw!r} points past the {len(options)} options")
+        if not 0 <= answer < len(given) or not given[answer]:
+            why = f"names a blank option" if 0 <= answer < len(given) else \
+                f"points past the {sum(bool(o) for o in given)} options"
+            raise MCFileError(f"{path}:{line}: answer {raw!r} {why}")
+        # a blank option is left out and the answer keeps pointing at the option it names
+        kept = [i for i, o in enumerate(given) if o]
+        if kept != list(range(len(kept))):
+            blank_inside += 1
+        options = tuple(given[i] for i in kept)
+        answer = kept.index(answer)
         subject_col = columns.get("subject", columns.get("category"))
         subject = r.get(subject_col) if subject_col else None
         out.append(MCQuestion(str(r[columns["question"]]).strip(), options, answer, subject))
+    if blank_inside:
+        logger.warning("%s: %d question(s) have a blank option before a filled one; it is left out and each answer "
+                       "still names the option its letter points at", path, blank_inside)
     if n is not None and n < len(out):
         idx = sorted(random.Random(seed).sample(range(len(out)), n))
         out = [out[i] for i in idx]

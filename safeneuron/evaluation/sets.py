@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlparse
 
+from safeneuron.artifacts import jsonl_lines
 from safeneuron.data.images import MultimodalPromptSet, load_multimodal_set, typographic_prompts
 from safeneuron.data.prompts import PromptFileError, PromptSet, _clean, _from_records, builtin_path, load_prompts
 from safeneuron.errors import SafeneuronError
@@ -196,8 +197,8 @@ def redteam_request(goal: str) -> str:
 def load_redteam_goals(source: str | None = "builtin:redteam_goals", n: int | None = None, seed: int = 0) -> PromptSet:
     """Red-team goals (a ``goal`` column); the built-in list is written for this project."""
     if source in (None, "builtin", "builtin:redteam_goals"):
-        records = [json.loads(line) for line in builtin_path("redteam_goals.jsonl").read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
+        records = [json.loads(line) for _, line in jsonl_lines(builtin_path("redteam_goals.jsonl").read_text(
+            encoding="utf-8"))]
         ps = _from_records(records, "builtin:redteam_goals", "goal")
     else:
         ps = load_prompts(source)

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from safeneuron import __version__
 from safeneuron.analysis import category_composition, find_identifications, layer_distribution, load_category_masks, \
     overlap_curve
-from safeneuron.artifacts import ArtifactError, read_json, write_text
+from safeneuron.artifacts import ArtifactError, read_json, read_jsonl, write_text
 from safeneuron.errors import SafeneuronError
 from safeneuron.evaluation.metrics import curve_area
 from safeneuron.report import figures
@@ -43,6 +43,15 @@ TEMPLATE = Path(__file__).with_name("template.html")
 
 class ReportError(SafeneuronError):
     """The report cannot be built (no such directory, nothing to report)."""
+
+
+def read_object(path: Path) -> dict:
+    """A JSON manifest that must be an object (``run.json``, ``results.json``, ...): anything else is an
+    :class:`ArtifactError` the report lists among the artifacts it could not read."""
+    data = read_json(path)
+    if not isinstance(data, Mapping):
+        raise ArtifactError(f"{path}: expected a JSON object (a safeneuron manifest), got a {type(data).__name__}")
+    return data
 
 
 # --------------------------------------------------------------------------- locating artifacts
@@ -188,7 +197,7 @@ class Section:
 def _section_settings(art: RunArtifacts) -> Section | None:
     if art.run_json is None:
         return None
-    run = read_json(art.run_json)
+    run = read_object(art.run_json)
     parts_html, parts_md = [], []
     top = {k: v for k, v in run.items() if not isinstance(v, (Mapping, list))}
     if top:
@@ -218,7 +227,7 @@ def _section_neurons(art: RunArtifacts) -> Section | None:
         return None
     parts_html, parts_md = [], []
     if art.identify is not None:
-        m = read_json(art.identify / "identify.json")
+        m = read_object(art.identify / "identify.json")
         sets = m.get("sets", [])
         intro = (f"Model <code>{_esc(m.get('model'))}</code> ({_esc(m.get('model_type'))}), method "
                  f"<b>{_esc(m.get('method'))}</b>, {_num(m.get('n_harmful'))} harmful and {_num(m.get('n_harmless'))} "
@@ -330,7 +339,7 @@ def _comparison(results: Mapping) -> tuple[list[str], list[list], list[str], lis
 def _section_comparison(art: RunArtifacts) -> Section | None:
     if art.results is None:
         return None
-    results = read_json(art.results)
+    results = read_object(art.results)
     if not isinstance(results, Mapping) or not isinstance(results.get("models"), list):
         raise ArtifactError(f"{art.results}: expected {{\"models\": [...]}}")
     sh, srows, oh, orows = _comparison(results)
@@ -369,7 +378,7 @@ def _section_multimodal(art: RunArtifacts) -> Section | None:
     """ASR and over-refusal on image+text inputs (results.json's ``*_multimodal`` keys, VLMs only)."""
     if art.results is None:
         return None
-    models = read_json(art.results).get("models", [])
+    models = read_object(art.results).get("models", [])
     shown = [m for m in models if m.get("asr_multimodal") or m.get("over_refusal_multimodal") is not None]
     if not shown:
         return None
@@ -395,7 +404,7 @@ def _section_multimodal(art: RunArtifacts) -> Section | None:
 def _section_robustness(art: RunArtifacts) -> Section | None:
     if art.results is None:
         return None
-    results = read_json(art.results)
+    results = read_object(art.results)
     models = results.get("models", [])
     has_curve = any(m.get("curve") for m in models)
     has_asr = any(any(v is not None for v in (m.get("asr") or {}).values()) for m in models)
@@ -422,7 +431,7 @@ def _section_attacks(art: RunArtifacts) -> Section | None:
     """The attack profile: every attack of ``[evaluate.attacks]`` against its budget, per model."""
     if art.results is None:
         return None
-    results = read_json(art.results)
+    results = read_object(art.results)
     models = results.get("models", [])
     if not any(m.get("attacks") for m in models):
         return None
@@ -449,7 +458,7 @@ def _section_attacks(art: RunArtifacts) -> Section | None:
 def _section_capability(art: RunArtifacts) -> Section | None:
     if art.results is None:
         return None
-    results = read_json(art.results)
+    results = read_object(art.results)
     keys = ("over_refusal", "mc_accuracy", "perplexity", "redteam_compliance")
     if not any(m.get(k) is not None for m in results.get("models", []) for k in keys):
         return None
@@ -470,15 +479,14 @@ def _section_samples(art: RunArtifacts) -> Section | None:
     if art.results is None:
         return None
     rows = []
-    for m in read_json(art.results).get("models", []):
+    for m in read_object(art.results).get("models", []):
         folder = art.results.parent / (m.get("samples") or {}).get("dir", "-")
         if not (folder / "index.json").is_file():
             continue
         index = read_json(folder / "index.json")
         names = [n for prefix in SAMPLED for n in index if n.startswith(prefix)]
         for name in dict.fromkeys(names):
-            lines = (folder / index[name]["file"]).read_text(encoding="utf-8").split("\n")
-            records = [json.loads(line) for line in lines if line]
+            records = read_jsonl(folder / index[name]["file"])
             records.sort(key=lambda r: not r["counted"])
             for r in records[:SAMPLES_SHOWN]:
                 rows.append([m["name"], f"{name} ({index[name]['k']}/{index[name]['n']})", r["prompt"][:160],
@@ -496,7 +504,7 @@ def _section_categories(art: RunArtifacts) -> Section | None:
     categories = None
     if art.analysis is not None and (art.analysis / "categories.json").is_file():
         categories = read_json(art.analysis / "categories.json")
-    elif art.identify is not None and read_json(art.identify / "identify.json").get("categories"):
+    elif art.identify is not None and read_object(art.identify / "identify.json").get("categories"):
         masks = load_category_masks(art.identify)
         if len(masks) >= 2:
             categories = category_composition(masks)
@@ -675,7 +683,7 @@ def _headline(art: RunArtifacts) -> list[str]:
     lines = []
     if art.results is not None:
         try:
-            for m in read_json(art.results).get("models", []):
+            for m in read_object(art.results).get("models", []):
                 asr = m.get("asr") or {}
                 bits = []
                 if asr.get("ori") is not None:
@@ -699,7 +707,7 @@ def _headline(art: RunArtifacts) -> list[str]:
             pass
     if art.identify is not None:
         try:
-            m = read_json(art.identify / "identify.json")
+            m = read_object(art.identify / "identify.json")
             lines.append(f"{_num(m['selected_total']['union'])} safety neurons "
                          f"({_pct(m['selected_fraction']['union'], 2)} of {_num(m['n_neurons'])}) in "
                          f"{m.get('model')}.")
@@ -713,7 +721,7 @@ def _quick(art: RunArtifacts) -> bool:
     if art.run_json is None:
         return False
     try:
-        run = read_json(art.run_json)
+        run = read_object(art.run_json)
     except ArtifactError:
         return False
     settings = run.get("settings") if isinstance(run.get("settings"), Mapping) else {}

@@ -36,7 +36,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from safeneuron.artifacts import ArtifactError, StageDir, atomic_dir, read_json, sha256_text, timestamp, versions, write_json
+from safeneuron.artifacts import (ArtifactError, StageDir, atomic_dir, check_out_dir, read_json, sha256_text, source_digest,
+                                  stage_lock, timestamp, versions, write_json)
 from safeneuron.cards import mask_metadata, push_to_hub, write_model_card
 from safeneuron.config import AlignConfig, ConfigError, PrefsConfig, settings_hash
 from safeneuron.data.images import (
@@ -222,12 +223,26 @@ class AlignResult:
 
 
 def _run_key(config: AlignConfig, prefs: PreferenceSet, whash: str | None, loaded: LoadedModel) -> str:
+    """What the run's artifacts depend on, by content: the settings, the pairs (general ones mixed in included), the
+    starting weights by their hash (a hub model by its id), the round-1 mask and the identification's prompt files
+    by their bytes; never the spelling of a path (``--out`` relative or absolute gives the same key)."""
     images = [images_sha256(prefs.pairs)] if pairs_have_images(prefs.pairs) else []  # pixels are data too
+    ident = dataclasses.replace(config.identify, **{k: source_digest(getattr(config.identify, k))
+                                                    for k in ("harmful", "harmless", "verify_harmful")})
+    keyed = dataclasses.replace(config, dpo={k: v for k, v in config.dpo.items() if k not in _DPO_NOT_RESULT},
+                                identify=ident, mask=source_digest(config.mask), general=None,
+                                model=None if whash else config.model)
+    return sha256_text(settings_hash(keyed, _NOT_RESULT), prefs.sha256, str(whash or loaded.path), *images)[:16]
+
+
+def _legacy_run_key(config: AlignConfig, prefs: PreferenceSet, whash: str | None, loaded: LoadedModel) -> str:
+    """The key earlier versions gave the same run (it hashed paths as spelt): their rounds are reused."""
+    images = [images_sha256(prefs.pairs)] if pairs_have_images(prefs.pairs) else []
     keyed = dataclasses.replace(config, dpo={k: v for k, v in config.dpo.items() if k not in _DPO_NOT_RESULT})
     return sha256_text(settings_hash(keyed, _NOT_RESULT), prefs.sha256, str(whash or loaded.path), *images)[:16]
 
 
-def _completed_rounds(out: Path, run_key: str, rounds: int) -> int:
+def _completed_rounds(out: Path, run_key: str, rounds: int, legacy_keys: tuple[str, ...] = ()) -> int:
     done = 0
     for r in range(1, rounds + 1):
         rdir = out / f"round_{r}"
@@ -235,15 +250,15 @@ def _completed_rounds(out: Path, run_key: str, rounds: int) -> int:
             metrics = read_json(rdir / "metrics.json")
         except ArtifactError:
             break
-        if metrics.get("run_key") != run_key or not (rdir / "model" / "config.json").is_file():
+        if metrics.get("run_key") not in (run_key, *legacy_keys) or not (rdir / "model" / "config.json").is_file():
             break
         done = r
     return done
 
 
-def _check_out_dir(out: Path, run_key: str, overwrite: bool) -> None:
+def _check_out_dir(out: Path, run_key: str, overwrite: bool, legacy_keys: tuple[str, ...] = ()) -> None:
     """Refuse to mix runs: the manifest or any round of another run key is an error (or removed with overwrite)."""
-    StageDir(out, "align.json", run_key, "an alignment run", AlignOutputError).claim(
+    StageDir(out, "align.json", run_key, "an alignment run", AlignOutputError, legacy_keys=legacy_keys).claim(
         overwrite, patterns=("round_*/metrics.json", "round_*/round.json"), remove=("round_*", "model"), sync=barrier,
         main=is_main_process())
 
@@ -318,6 +333,7 @@ class _Run:
     eval_dataset: Any = None
     processing_class: Any = None
     saved_with: Any = None
+    legacy_keys: tuple[str, ...] = ()  # keys earlier versions gave this run (their rounds are reused)
 
 
 def _base_model(config: AlignConfig, loaded: LoadedModel | None) -> LoadedModel:
@@ -344,8 +360,9 @@ def _prepare(config: AlignConfig, prefs, loaded: LoadedModel, out: Path, progres
         _check_image_prompt_length(processor_of(loaded), pairs.pairs, config.max_length)
     whash = weights_hash(base_path) if Path(base_path).is_dir() and str(base_path) else None
     run_key = _run_key(config, pairs, whash, loaded)
-    return _Run(config, out, pairs, whash, run_key, base_name, base_path, is_main_process(), progress, callbacks,
-                loaded)
+    run = _Run(config, out, pairs, whash, run_key, base_name, base_path, is_main_process(), progress, callbacks, loaded)
+    run.legacy_keys = tuple({_legacy_run_key(config, pairs, whash, loaded)} - {run_key})
+    return run
 
 
 def _resume(run: _Run, done: int) -> None:
@@ -385,7 +402,7 @@ def _start_round(run: _Run, r: int) -> Path:
     """``round_r/`` with a fresh ``round.json`` (a killed round of another run is removed first)."""
     rdir = run.out / f"round_{r}"
     try:
-        stale = read_json(rdir / "round.json").get("run_key") != run.run_key
+        stale = read_json(rdir / "round.json").get("run_key") not in (run.run_key, *run.legacy_keys)
     except ArtifactError:
         stale = False
     barrier()
@@ -546,8 +563,10 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
         gc.collect()
         barrier()  # the saved model is complete before any process reads it
         model = _load_round_model(rdir / "model", config, run.base_name).model
+        _check_finite(model, r)
     else:
         model = _trained_model(trainer, config)
+        _check_finite(model, r)  # before anything is saved: a NaN model is never a result
         del trainer, ref
         gc.collect()
         if run.main:
@@ -563,6 +582,18 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
     _complete_round(run, rdir, metrics, record)
     run.loaded = LoadedModel(model, run.tokenizer, run.base_name, str(rdir / "model"), processor=run.processor)
     return metrics, record if config.mode != "dpo" else None
+
+
+def _check_finite(model: nn.Module, r: int) -> None:
+    """An :class:`AlignOutputError` when training left NaN or infinite weights (a diverged run): the round is not
+    saved as complete, earlier rounds stay."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise AlignOutputError(f"round {r}: training left non-finite (NaN/inf) weights in {len(bad)} parameter "
+                               f"tensor(s), e.g. {bad[0]}; the round is not saved: lower learning_rate or beta, "
+                               "set max_grad_norm, or check the preference pairs", fields=("learning_rate",))
 
 
 def _round_metrics(run: _Run, r: int, record: SafetyNeuronMask, ident_info: dict | None, freeze_summary,
@@ -681,7 +712,14 @@ def align(
     if dpo_args is not None:
         config.dpo = {**config.dpo, **dpo_overrides(dpo_args)}
     config.validate()
-    out = Path(out)
+    out = check_out_dir(out)
+    with stage_lock(out, "an alignment run", main=is_main_process()):  # a second process is refused
+        return _align_locked(config, prefs, out, loaded, overwrite, progress, callbacks)
+
+
+def _align_locked(config: AlignConfig, prefs, out: Path, loaded: LoadedModel | None, overwrite: bool, progress: bool,
+                  callbacks: Sequence[Any]) -> AlignResult:
+    """:func:`align` with the output directory's lock held."""
     t_start = time.perf_counter()
     if not progress:
         import datasets
@@ -691,10 +729,10 @@ def align(
     loaded = _base_model(config, loaded)
     run = _prepare(config, prefs, loaded, out, progress, callbacks)
     del loaded  # run.loaded is the current model from here on (dropped before each reload)
-    _check_out_dir(out, run.run_key, overwrite)
+    _check_out_dir(out, run.run_key, overwrite, run.legacy_keys)
 
     # completed rounds of this run are kept: go on from the last one's model and frozen set
-    done = _completed_rounds(out, run.run_key, config.rounds)
+    done = _completed_rounds(out, run.run_key, config.rounds, run.legacy_keys)
     round_metrics = [read_json(out / f"round_{r}" / "metrics.json") for r in range(1, done + 1)]
     if done:
         _resume(run, done)

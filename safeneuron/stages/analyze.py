@@ -28,7 +28,8 @@ from safeneuron.analysis import (
     overlap_curve,
 )
 from safeneuron.arch import find_mlps
-from safeneuron.artifacts import ArtifactError, read_json, sha256_file, sha256_text, timestamp, versions, write_json
+from safeneuron.artifacts import (ArtifactError, read_json, sha256_file, sha256_text, stage_lock, timestamp, versions,
+                                  write_json)
 from safeneuron.config import AnalyzeConfig, ConfigError
 from safeneuron.data.images import typographic_prompts
 from safeneuron.data.prompts import PromptSet, load_prompts
@@ -140,8 +141,12 @@ def analyze(
     """
     config = config or AnalyzeConfig()
     config.validate()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with stage_lock(out, "an analysis") as out:  # a second process writing here is refused
+        return _analyze_into(config, out, loaded, compare, identifications, progress)
+
+
+def _analyze_into(config: AnalyzeConfig, out: Path, loaded, compare, identifications, progress: bool) -> Analysis:
+    """:func:`analyze` with the output directory's lock held."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     idents = {k: Path(v) for k, v in (identifications or _named(config.identify, "base")).items()}

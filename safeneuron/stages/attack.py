@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from safeneuron.arch import find_mlps
-from safeneuron.artifacts import timestamp, versions, write_json
+from safeneuron.artifacts import ArtifactError, check_out_dir, stage_lock, timestamp, versions, write_json
 from safeneuron.cards import mask_metadata, write_model_card
 from safeneuron.config import AttackConfig, IdentifyConfig
 from safeneuron.data.prompts import load_prompts
@@ -110,6 +110,10 @@ def save_pruned_model(loaded: LoadedModel, mask: SafetyNeuronMask, path: str | P
 def _refuse_nonempty_save(path: str | Path) -> None:
     """An error for a ``--save`` directory that already holds files (checked before any work as well)."""
     path = Path(path)
+    try:
+        check_out_dir(path, "save directory")
+    except ArtifactError as err:
+        raise AttackError(str(err), fields=("save",)) from None
     if path.exists() and any(path.iterdir()):
         raise AttackError(f"{path} exists and is not empty; choose another save directory or remove it",
                           fields=("save",))
@@ -236,7 +240,17 @@ def run_attack(config: AttackConfig | None = None, out: str | Path = "attack", *
     """
     config = config or AttackConfig()
     config.validate()
-    out = Path(out)
+    out = check_out_dir(out)
+    if config.save:  # before any work, not after every answer is generated
+        if config.kind not in ("prune", "direction"):
+            raise AttackError(f"--save writes a pruned or direction-ablated model; the {config.kind} attack has none",
+                              fields=("save",))
+        _refuse_nonempty_save(config.save)
+    with stage_lock(out, "an attack"):
+        return _run_attack(config, out, loaded, progress)
+
+
+def _run_attack(config: AttackConfig, out: Path, loaded, progress: bool) -> dict:
     t_start = time.perf_counter()
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)

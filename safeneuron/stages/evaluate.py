@@ -31,17 +31,19 @@ interval, the judges, the attacker and timings.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from safeneuron.artifacts import atomic_dir, timestamp, versions, write_json, write_text
-from safeneuron.config import EvalConfig
+from safeneuron.artifacts import (atomic_dir, check_out_dir, jsonl_line, read_json, source_digest, stage_lock, timestamp,
+                                  versions, write_json, write_text)
+from safeneuron.config import EvalConfig, settings_hash
 from safeneuron.data.images import load_multimodal_set
 from safeneuron.data.splits import overlap
 from safeneuron.errors import SafeneuronError
@@ -72,7 +74,8 @@ from safeneuron.stages.identify import Identification
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_model", "evaluate_models", "results_markdown", "model_slug", "given_masks"]
+__all__ = ["evaluate_model", "evaluate_models", "results_markdown", "model_slug", "given_masks", "settings_key",
+           "EvalOutputError"]
 
 _PROTOCOL = ("ori", "es", "sas", "full")
 
@@ -159,6 +162,7 @@ def evaluate_model(
     judge: Judge | None = None,
     progress: bool = True,
     transfer_source: str | None = None,
+    slug: str | None = None,
 ) -> dict:
     """Run every enabled measurement on one loaded model; returns its results entry.
 
@@ -170,13 +174,16 @@ def evaluate_model(
         judge: the ASR judge (default: ``config.judge`` loaded here).
         transfer_source: the sets the ``transfer`` attack prunes (another model's attacker identification;
             ``attacks.transfer_mask`` wins).
+        slug: the model's folder name under ``generations/``, ``attack/`` and ``samples/`` (default:
+            :func:`model_slug` of ``name``; :func:`evaluate_models` makes them unique).
     """
     config = config or EvalConfig()
     config.validate()
     out = Path(out)
     name = name or str(loaded.name)
-    slug = model_slug(name)
+    slug = slug or model_slug(name)
     judge = judge or load_judge(config.judge, device=config.device)
+    unreadable_before = getattr(judge, "unparsed", 0)  # a classifier judge counts the verdicts it could not read
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                   seed=config.seed)
     m = _Measure(loaded, config, judge, RefusalJudge(), settings, model_tag(loaded), out / "generations" / slug,
@@ -187,7 +194,8 @@ def evaluate_model(
     id_config = attacker_config(loaded, config.identify, seed=config.seed, batch_size=config.batch_size)
     id_harmful, id_harmless = attacker_prompts(id_config)
 
-    entry: dict = {"name": name, "path": str(loaded.path), "model_type": loaded.model_type, "judge": judge.name}
+    entry: dict = {"name": name, "path": str(loaded.path), "model_type": loaded.model_type, "judge": judge.name,
+                   "slug": slug}
     harmful = load_eval_prompts(config.harmful, default="harmful", n=config.capped(config.n_harmful),
                                 seed=config.seed, exclude=id_harmful.prompts)
     harmless = load_eval_prompts(config.harmless, default="harmless", n=config.capped(config.n_harmless),
@@ -212,6 +220,7 @@ def evaluate_model(
 
     entry["judges"] = {"asr": judge.name, "templates": judge.name, "over_refusal": m.refusal_judge.name,
                        "redteam": m.refusal_judge.name}
+    entry["unreadable_verdicts"] = getattr(judge, "unparsed", 0) - unreadable_before  # per measurement: asr_verdicts
     entry["sources"] = m.sources
     entry["samples"] = {"dir": f"samples/{slug}",  # beside results.json
                         "measurements": len(write_samples(out / "samples" / slug, m.samples, m.reported))}
@@ -228,7 +237,7 @@ def write_samples(folder: Path, samples: dict[str, list[dict]], reported: dict[s
     with atomic_dir(folder) as tmp:
         for name, records in samples.items():
             file = f"{model_slug(name)}.jsonl"
-            write_text(tmp / file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            write_text(tmp / file, "".join(jsonl_line(r) for r in records))
             index[name] = {"file": file, "n": len(records), "k": sum(r["counted"] for r in records),
                            "reported": reported.get(name)}
         write_json(tmp / "index.json", index)
@@ -544,9 +553,14 @@ def evaluate_models(
     out: str | Path = "eval",
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluate several models on the same prompts and write ``out/results.json``,
     ``out/results.md`` and ``out/generations/``.
+
+    ``out`` may hold an evaluation already: with the same settings the models are merged into it (a model of the
+    same name replaces its entry); of other settings it is an error unless ``overwrite``. Each model gets its own
+    folder name (``slug`` in its entry), unique within the results.
 
     Args:
         models: hub ids, local directories, embedded names (None = the embedded
@@ -558,10 +572,68 @@ def evaluate_models(
     """
     config = config or EvalConfig()
     config.validate()
-    out = Path(out)
+    out = check_out_dir(out)
+    with stage_lock(out, "an evaluation"):  # a second process writing here is refused
+        return _evaluate_into(models, config, out, progress, overwrite)
+
+
+class EvalOutputError(SafeneuronError):
+    """The output directory holds an evaluation of other settings."""
+
+
+def settings_key(config: EvalConfig) -> str:
+    """What an evaluation's numbers depend on besides the models, by content: the settings with every prompt, MC,
+    text and mask file by its bytes (never the spelling of its path); the device is left out."""
+    files = ("harmful", "harmless", "xstest", "multimodal_harmful", "multimodal_harmless", "mc_file", "ppl_file",
+             "redteam", "mask")
+    mask = Path(config.mask) / "safety_neurons.safetensors" if config.mask and Path(config.mask).is_dir() else config.mask
+    keyed = replace(config, **{k: source_digest(getattr(config, k)) for k in files if k != "mask"},
+                    mask=source_digest(mask),
+                    upstream=sorted(source_digest(f) for f in config.upstream),
+                    identify=replace(config.identify, harmful=source_digest(config.identify.harmful),
+                                     harmless=source_digest(config.identify.harmless)))
+    return settings_hash(keyed, ("device",))
+
+
+def _previous_results(out: Path, key: str, config: EvalConfig, overwrite: bool) -> list[dict]:
+    """The model entries already in ``out/results.json`` that this evaluation merges with: those of the same
+    settings (a results file of other settings is an error, or replaced with ``overwrite``)."""
+    path = out / "results.json"
+    if overwrite or not path.exists():
+        return []
+    previous = read_json(path)
+    same = isinstance(previous, dict) and isinstance(previous.get("models"), list) and (
+        previous.get("settings_key") == key if "settings_key" in previous
+        else json.loads(json.dumps(previous.get("settings"), default=str)) ==
+        json.loads(json.dumps(asdict(config), default=str)))
+    if not same:
+        names = [m.get("name") for m in previous.get("models", [])] if isinstance(previous, dict) else []
+        raise EvalOutputError(f"{path} holds an evaluation with other settings ({', '.join(map(str, names)) or 'none'}"
+                              "); overwrite it or choose another output directory (models evaluated with the same "
+                              "settings are merged into it)", fields=("overwrite", "out"))
+    return [m for m in previous["models"] if isinstance(m, dict) and "name" in m]
+
+
+def _unique_slug(name: str, taken: Mapping[str, str]) -> str:
+    """The folder name of ``name``: :func:`model_slug`, with 8 hex digits of the name's sha256 when another name
+    already has that folder (``a/model`` and ``a_model``, or two long paths with the same last 80 characters)."""
+    slug = model_slug(name)
+    if taken.get(slug, name) != name:
+        slug = f"{slug[:71]}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+    return slug
+
+
+def _evaluate_into(models, config: EvalConfig, out: Path, progress: bool, overwrite: bool) -> dict:
+    """:func:`evaluate_models` with the output directory's lock held."""
     t_start = time.perf_counter()
     judge = load_judge(config.judge, device=config.device)
-    results: dict = {"models": [], "settings": asdict(config), "versions": versions()}
+    key = settings_key(config)
+    kept = _previous_results(out, key, config, overwrite)
+    results: dict = {"models": kept, "settings": asdict(config), "settings_key": key, "versions": versions()}
+    if kept:
+        logger.info("%s: merging with the %d model(s) already evaluated there with the same settings (%s)", out,
+                    len(kept), ", ".join(m["name"] for m in kept))
+    slugs = {m.get("slug") or model_slug(m["name"]): m["name"] for m in kept}  # folder -> the model using it
     seen: set[str] = set()
     named = list(models.items()) if isinstance(models, Mapping) else [(None, m) for m in (models or [None])]
     for display, spec in named:
@@ -570,12 +642,19 @@ def evaluate_models(
         while name in seen:
             name += "'"
         seen.add(name)
+        slug = _unique_slug(name, slugs)
+        slugs[slug] = name
         logger.info("evaluating %s", name)
-        first = results["models"][0]["name"] if results["models"] else None
-        source = str(out / "attack" / model_slug(first) / "identify") if first is not None else None
+        first = results["models"][0] if results["models"] else None
+        source = str(out / "attack" / (first.get("slug") or model_slug(first["name"])) / "identify") \
+            if first is not None else None
         entry = evaluate_model(loaded, config, out, name=name, judge=judge, progress=progress,
-                               transfer_source=source)
-        results["models"].append(entry)
+                               transfer_source=source, slug=slug)
+        at = next((i for i, m in enumerate(results["models"]) if m["name"] == name), None)
+        if at is None:
+            results["models"].append(entry)
+        else:  # the same name evaluated again with the same settings: its entry is replaced
+            results["models"][at] = entry
         results["wall_time_s"] = round(time.perf_counter() - t_start, 2)
         results["created"] = timestamp()
         results["paired"] = paired_tests(results["models"])

@@ -43,7 +43,10 @@ from safeneuron.artifacts import (
     ArtifactError,
     StageDir,
     load_tensors,
+    check_out_dir,
     read_json,
+    safe_file_names,
+    stage_lock,
     save_tensors,
     sha256_text,
     timestamp,
@@ -214,15 +217,20 @@ def _load_sets(config: IdentifyConfig, multimodal: bool = False
 def _run_key(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None,
              verify_sha: str = "") -> str:
     """What the artifacts depend on: the settings (prompt files by their content, never their paths), the
-    prompts, the causal check's held-out prompts and the weights."""
-    settings = settings_hash(config, _NOT_RESULT + ("harmful", "harmless", "verify_harmful"))
+    prompts, the causal check's held-out prompts and the weights (a local model by its weights' hash, never the
+    spelling of its path)."""
+    paths = ("harmful", "harmless", "verify_harmful") + (("model",) if whash is not None else ())
+    settings = settings_hash(config, _NOT_RESULT + paths)
     return sha256_text(settings, harmful.sha256, harmless.sha256, verify_sha, str(whash))[:16]
 
 
-def _legacy_run_key(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None) -> str:
-    """The key earlier versions gave the same run (it hashed the prompt files' paths too): their finished
-    identifications are reused."""
-    return sha256_text(settings_hash(config, _NOT_RESULT), harmful.sha256, harmless.sha256, str(whash))[:16]
+def _legacy_run_keys(config: IdentifyConfig, harmful: PromptSet, harmless: PromptSet, whash: str | None,
+                     verify_sha: str = "") -> tuple[str, ...]:
+    """The keys earlier versions gave the same run (they hashed the model's path, and before that the prompt
+    files' paths too): their finished identifications are reused."""
+    settings = settings_hash(config, _NOT_RESULT + ("harmful", "harmless", "verify_harmful"))
+    return (sha256_text(settings, harmful.sha256, harmless.sha256, verify_sha, str(whash))[:16],
+            sha256_text(settings_hash(config, _NOT_RESULT), harmful.sha256, harmless.sha256, str(whash))[:16])
 
 
 def _verify_prompts(config: IdentifyConfig, harmful: PromptSet):
@@ -247,12 +255,20 @@ def identify(
     """
     config = config or IdentifyConfig()
     config.validate()
+    check_out_dir(out)
     t_start = time.perf_counter()
     run = _prepare(config, loaded)  # prompts first: a bad prompt file fails before a model is loaded
     verify_sha = _verify_prompts(run.config, run.harmful).sha256 if run.config.verify else ""
     stage = StageDir(Path(out), "identify.json", _run_key(run.config, run.harmful, run.harmless, run.whash, verify_sha),
                      "an identification", OutputDirError,
-                     legacy_keys=(_legacy_run_key(run.config, run.harmful, run.harmless, run.whash),))
+                     legacy_keys=_legacy_run_keys(run.config, run.harmful, run.harmless, run.whash, verify_sha))
+    with stage_lock(stage.path, "an identification", main=world()[0] == 0):  # a second process is refused
+        return _identify_into(run, stage, overwrite, progress, t_start)
+
+
+def _identify_into(run: "_Run", stage: StageDir, overwrite: bool, progress: bool, t_start: float) -> Identification:
+    """The identification of ``run`` into ``stage`` (its lock held): reused when complete, else recorded and
+    written."""
     if stage.complete() and not overwrite:
         logger.info("%s: identification already complete; reusing it", stage.path)
         return Identification.load(stage.path)
@@ -492,7 +508,9 @@ def _write_categories(stats: ActivationStats, config: IdentifyConfig, tau_es: fl
     """Per-category sets: each harm category's prompts against all harmless prompts."""
     result = {}
     n_s = stats.count("harmless")
-    for group in sorted(g for g in stats.groups if g.startswith("harmful/")):
+    groups = sorted(g for g in stats.groups if g.startswith("harmful/"))
+    files = safe_file_names(g.split("/", 1)[1] for g in groups)  # unique, safe, recorded in identify.json
+    for group in groups:
         category = group.split("/", 1)[1]
         n_u = stats.count(group)
         if n_u < 2:
@@ -501,7 +519,7 @@ def _write_categories(stats: ActivationStats, config: IdentifyConfig, tau_es: fl
         scores = score_stats(stats, harmful=group)
         sets = select_safety_neurons(scores, n_u, n_s, tau_es=tau_es, tau_sas=config.tau_sas, select=config.select,
                                      alpha=config.alpha, correction=config.correction, top_frac=config.top_frac)
-        safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in category)
+        safe_name = files[category]
         save_tensors(out / "categories" / f"{safe_name}.safetensors",
                      {f"{mlp}.{name}": m for name, mask in sets.items() for mlp, m in mask.masks.items()})
         result[category] = {"file": f"categories/{safe_name}.safetensors", "n_harmful": n_u,
