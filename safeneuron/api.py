@@ -19,11 +19,11 @@ removed before the call returns, and the result holds every tensor in memory.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from safeneuron.artifacts import write_jsonl
 from safeneuron.config import ConfigError, IdentifyConfig, from_dict
 from safeneuron.models import LoadedModel
 from safeneuron.stages.identify import Identification, identify
@@ -46,7 +46,7 @@ def _prompt_source(prompts: Any, folder: Path, name: str) -> str | None:
         raise ConfigError(f"{name}: give a list of prompt strings or a source (file, hf:, builtin:), got "
                           f"{type(prompts).__name__}")
     path = folder / f"{name}.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+    write_jsonl(path, [{"prompt": p} for p in prompts])
     return str(path)
 
 

@@ -440,13 +440,14 @@ def _hashed_values(obj):
     """``asdict(obj)`` without the late fields at their defaults (nested configs too)."""
     if not dataclasses.is_dataclass(obj):
         return obj
+    values = asdict(obj)  # once: the plain values of every field
     out = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{type(obj).__name__}.{f.name}"
         if key in LATE_FIELDS and value == LATE_FIELDS[key]:
             continue
-        out[f.name] = _hashed_values(value) if dataclasses.is_dataclass(value) else asdict(obj)[f.name]
+        out[f.name] = _hashed_values(value) if dataclasses.is_dataclass(value) else values[f.name]
     return out
 
 

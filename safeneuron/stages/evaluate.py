@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from safeneuron.artifacts import (atomic_dir, check_out_dir, jsonl_line, read_json, source_digest, stage_lock, timestamp,
-                                  versions, write_json, write_text)
+from safeneuron.artifacts import (atomic_dir, check_out_dir, read_json, source_digest, stage_lock, timestamp, versions,
+                                  write_json, write_jsonl, write_text)
 from safeneuron.config import EvalConfig, settings_hash
 from safeneuron.data.images import load_multimodal_set
 from safeneuron.data.splits import overlap
@@ -237,7 +237,7 @@ def write_samples(folder: Path, samples: dict[str, list[dict]], reported: dict[s
     with atomic_dir(folder) as tmp:
         for name, records in samples.items():
             file = f"{model_slug(name)}.jsonl"
-            write_text(tmp / file, "".join(jsonl_line(r) for r in records))
+            write_jsonl(tmp / file, records)
             index[name] = {"file": file, "n": len(records), "k": sum(r["counted"] for r in records),
                            "reported": reported.get(name)}
         write_json(tmp / "index.json", index)
