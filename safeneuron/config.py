@@ -289,11 +289,16 @@ class IdentifyConfig:
     model: str | None = None
     """Hub id or local directory; None = the embedded default model."""
     harmful: str | None = None
-    """Harmful prompts: file, ``hf:<name>`` or ``builtin:harmful`` (default)."""
+    """Harmful prompts: a set name (strongreject, advbench, harmbench, jailbreakbench), file,
+    ``hf:<name>[:<config>][@<split>]`` or ``builtin:harmful`` (default)."""
     harmless: str | None = None
-    """Harmless prompts: file, ``hf:<name>`` or ``builtin:harmless`` (default)."""
+    """Harmless prompts: file, ``hf:<name>[:<config>][@<split>]`` or ``builtin:harmless`` (default)."""
     prompt_column: str | None = None
     """Prompt column of the files (detected when None)."""
+    allow_fallback: bool = False
+    """A named set (strongreject, advbench, harmbench, jailbreakbench, xstest) that cannot be loaded (offline, no
+    cached copy) is an error; true = use the built-in prompts instead, with a warning, recorded in the prompts'
+    source (``builtin:harmful (fallback for strongreject)``)."""
     method: Method = "stats"
     """``stats`` (ES + SAS, closed form, streaming) or ``neurostrike`` (logistic probes)."""
     position: Position | None = None
@@ -346,8 +351,8 @@ class IdentifyConfig:
     verify_prompts: int = 64
     """Held-out harmful prompts of the causal check (seeded sample, none used by the identification)."""
     verify_harmful: str | None = None
-    """Harmful prompts of the causal check: a set name, file or ``hf:<name>``; None = the identification's harmful
-    source; its identification prompts are always left out."""
+    """Harmful prompts of the causal check: a set name, file or ``hf:<name>[:<config>][@<split>]``; None = the
+    identification's harmful source; its identification prompts are always left out."""
     verify_max_new_tokens: int = 64
     """Tokens generated per answer in the causal check."""
     verify_dtype: str | None = None
@@ -433,6 +438,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 #: setting that is used changes the key). Add a field here when you add it to a config.
 LATE_FIELDS: dict[str, Any] = {
     "AlignConfig.eval_pairs": 0, "AlignConfig.dpo": {}, "AlignConfig.push_to_hub": None,
+    **{f"{c}.allow_fallback": False for c in ("IdentifyConfig", "PrefsConfig", "AlignConfig", "AttackConfig",
+                                              "EvalConfig", "AnalyzeConfig")},
+    "AttackConfig.judge_template": None, "EvalConfig.judge_template": None,
+    "EvalConfig.lm_eval_chat_template": False,
 }
 
 
@@ -537,6 +546,9 @@ class AlignConfig:
     """Identification settings of every round (prompts, ``max_prompts``, pooling ``position``, ``tau_es``, ``tau_sas``,
     ``top_frac``, ...: an :class:`IdentifyConfig`; TOML ``[align.identify]``, flags ``--identify.<field>``). Its
     model, seed, dtype and device are this stage's."""
+    allow_fallback: bool = False
+    """The rounds' identification: a named prompt set that cannot be loaded is an error; true = the built-in prompts
+    instead, with a warning (``identify.allow_fallback``)."""
     freeze_embeddings: bool = False
     """Also freeze the input embeddings (and a tied output layer)."""
     freeze_attention: bool = False
@@ -625,6 +637,8 @@ class AlignConfig:
 
     def validate(self) -> None:
         check_choices(self)
+        if self.allow_fallback:  # the rounds' identification loads the prompts
+            self.identify.allow_fallback = True
         self.identify.validate()
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
@@ -720,19 +734,23 @@ class PrefsConfig:
     """Old keys (and flags): ``identify_max_prompts`` is ``identify.max_prompts``."""
 
     source: str | None = None
-    """Preference file or ``hf:<name>`` to convert; None = synthesise from the model."""
+    """Preference file or ``hf:<name>[:<config>][@<split>]`` to convert; None = synthesise from the model."""
     format: Literal["auto", "plain", "pku", "hh"] = "auto"
     """Input format: ``auto``, ``plain`` (prompt/chosen/rejected), ``pku`` (PKU-SafeRLHF) or ``hh`` (HH-RLHF)."""
     prefer: Literal["safer", "better"] = "safer"
     """PKU-SafeRLHF records: the ``safer`` or the ``better`` response is chosen."""
     split: str = "train"
-    """Dataset split for ``hf:`` sources."""
+    """Dataset split for ``hf:`` sources that name none (``@<split>``)."""
     model: str | None = None
     """Model that synthesises the pairs: hub id, local directory or None for the embedded default."""
     harmful: str | None = None
-    """Harmful prompts (chosen = refusal, rejected = compliance): file, ``hf:<name>`` or built-in."""
+    """Harmful prompts (chosen = refusal, rejected = compliance): a set name (strongreject, advbench, harmbench,
+    jailbreakbench), file, ``hf:<name>[:<config>][@<split>]`` or built-in."""
     harmless: str | None = None
     """Harmless prompts (chosen = helpful answer, rejected = needless refusal): file, ``hf:<name>`` or built-in."""
+    allow_fallback: bool = False
+    """A named set that cannot be loaded is an error; true = the built-in prompts instead, with a warning, recorded in
+    the manifest's prompt source (also for the stage's own identification, ``identify``)."""
     n_harmful: int = 64
     """Harmful prompts to use (seeded sample)."""
     n_harmless: int = 32
@@ -770,6 +788,8 @@ class PrefsConfig:
 
     def validate(self) -> None:
         check_choices(self)
+        if self.allow_fallback:  # the stage's own identification loads prompts too
+            self.identify.allow_fallback = True
         self.identify.validate()
         if self.n_harmful < 1 or self.n_harmless < 0:
             raise ConfigError(f"n_harmful must be >= 1 and n_harmless >= 0, got {self.n_harmful}, {self.n_harmless}")
@@ -970,7 +990,10 @@ class AttackConfig:
     """Iterative pruning: identify, prune, re-identify on the pruned model, prune the union; this many rounds."""
     eval_harmful: str | None = None
     """Harmful prompts the ASR is measured on: a set name (strongreject, advbench, harmbench, jailbreakbench), file,
-    ``hf:<name>`` or built-in (default); prompts used for identification are left out."""
+    ``hf:<name>[:<config>][@<split>]`` or built-in (default); prompts used for identification are left out."""
+    allow_fallback: bool = False
+    """A named set that cannot be loaded (offline, no cached copy) is an error; true = the built-in prompts
+    instead, with a warning, recorded in the prompts' source (also for the attacker's identification)."""
     limit: int | None = 32
     """Measure ASR on at most this many harmful prompts (seeded sample)."""
     multimodal_harmful: str | None = None
@@ -980,9 +1003,15 @@ class AttackConfig:
     random_control: bool = True
     """Also prune as many random neurons per layer as the attack set (the control)."""
     judge: str = "refusal"
-    """``refusal`` (refusal phrases) or a safety classifier (hub id or path, e.g. Llama-Guard-3), combined with the phrases."""
-    max_new_tokens: int = 64
-    """Tokens generated per answer (as ``safeneuron evaluate``)."""
+    """The ASR judge, as ``safeneuron evaluate``'s: ``refusal`` (refusal phrases), a safety classifier (hub id or
+    path, e.g. Llama-Guard-3 or a HarmBench classifier; ``guard:``/``harmbench:``/``sequence:`` names its kind) or
+    ``strongreject:<chat model>`` (the StrongREJECT rubric graded by any chat model), combined with the phrases."""
+    judge_template: str | None = None
+    """A classifier judge's prompt, a text file with ``{behavior}`` and ``{generation}`` placeholders (for a
+    classifier trained on another format); None = the classifier's own (HarmBench's Llama-2 or Mistral template)."""
+    max_new_tokens: int | None = None
+    """Tokens generated per answer; None = 64 with the refusal-phrase judge, 256 with a classifier or StrongREJECT
+    judge (they grade the whole answer: a cut-off answer is judged on what it says so far)."""
     batch_size: int = 32
     """Prompts per generation batch (on a 2-core CPU, 24-48 per batch cost 3-8x less per token than 8-16)."""
     save: str | None = None
@@ -993,8 +1022,13 @@ class AttackConfig:
 
     def validate(self) -> None:
         check_choices(self)
+        if self.allow_fallback:  # the attacker's identification loads prompts too
+            self.identify.allow_fallback = True
         self.identify.validate()
         self.attacks.validate()
+        check_judge_template(self.judge, self.judge_template)
+        if self.max_new_tokens is None:
+            self.max_new_tokens = judge_new_tokens(self.judge)
         for name in ("random_frac", "top_frac"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -1030,12 +1064,20 @@ class EvalConfig:
     ``attack_position`` ``identify.position``, ``identify_prompts`` ``identify.max_prompts``, ..."""
 
     harmful: str | None = None
-    """Harmful prompts for ASR: a set name (strongreject, advbench, harmbench, jailbreakbench), file, ``hf:<name>`` or
-    built-in (default; falls back to built-in offline). Prompts used by the attacker's identification are left out."""
+    """Harmful prompts for ASR: a set name (strongreject, advbench, harmbench, jailbreakbench), file,
+    ``hf:<name>[:<config>][@<split>]`` or built-in (default). A named set that cannot be loaded is an error (see
+    ``allow_fallback``). Prompts used by the attacker's identification are left out."""
     harmless: str | None = None
-    """Harmless prompts for over-refusal: file, ``hf:<name>`` or built-in (default)."""
+    """Harmless prompts for over-refusal: file, ``hf:<name>[:<config>][@<split>]`` or built-in (default)."""
     xstest: str | None = "builtin:xstest_like"
-    """Safe prompts that look dangerous (XSTest-style) for over-refusal; empty string to skip."""
+    """Safe prompts that look dangerous for over-refusal: ``builtin:xstest_like`` (written for this project),
+    ``xstest`` (XSTest's 250 safe prompts from the hub), an XSTest CSV/JSON copy or ``hf:`` dataset (only the rows
+    labelled safe are kept: its unsafe contrast prompts are meant to be refused), or any prompt file; empty string
+    to skip."""
+    allow_fallback: bool = False
+    """A named set (strongreject, advbench, harmbench, jailbreakbench, xstest) that cannot be loaded (offline, no
+    cached copy) is an error; true = the built-in prompts instead, with a warning, recorded in the measurement's
+    source (``builtin:harmful (fallback for strongreject)``); also for the attacker's identification."""
     n_harmful: int = 32
     """Harmful prompts for the plain ASR and the pruning attack (seeded sample)."""
     n_harmless: int = 32
@@ -1108,11 +1150,21 @@ class EvalConfig:
     """lm-evaluation-harness tasks (e.g. arc_challenge truthfulqa_mc2 gsm8k); needs the ``eval`` extra."""
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None = all)."""
+    lm_eval_chat_template: bool = False
+    """Pass lm-eval's ``apply_chat_template`` (each request wrapped in the model's chat template, few-shot
+    examples as turns); its results and per-example samples are written to ``lm_eval/<model>/``."""
     judge: str = "refusal"
-    """``refusal`` (refusal phrases) or a safety classifier (hub id or path, e.g. Llama-Guard-3), combined with the phrases."""
-    max_new_tokens: int = 64
-    """Tokens generated per answer (64: enough for the judges to see whether an answer has content of its own
-    beyond an echo or a forced opening; give a classifier judge 256)."""
+    """The ASR judge: ``refusal`` (refusal phrases); a safety classifier by hub id or path (Llama-Guard, the
+    HarmBench classifiers ``cais/HarmBench-Llama-2-13b-cls`` / ``cais/HarmBench-Mistral-7b-val-cls``, each fed its
+    own prompt format; ``guard:``/``harmbench:``/``sequence:`` names the kind); or ``strongreject:<chat model>``
+    (StrongREJECT's rubric graded by any chat model, hub id or path). Combined with the refusal phrases."""
+    judge_template: str | None = None
+    """A classifier judge's prompt, a text file with ``{behavior}`` and ``{generation}`` placeholders (for a
+    classifier trained on another format); None = the classifier's own (HarmBench's Llama-2 or Mistral template)."""
+    max_new_tokens: int | None = None
+    """Tokens generated per answer; None = 64 with the refusal-phrase judge (enough to see whether an answer has
+    content of its own beyond an echo or a forced opening), 256 with a classifier or StrongREJECT judge (they grade
+    the whole answer: a cut-off answer is judged on what it says so far; HarmBench generates 512)."""
     redteam_max_new_tokens: int = 64
     """Tokens generated per red-team answer (a whole jailbreak prompt)."""
     batch_size: int = 32
@@ -1143,8 +1195,13 @@ class EvalConfig:
         check_choices(self)
         check_template_names(self.templates)
         check_range(self, "lm_eval_limit", 1)
+        if self.allow_fallback:  # the attacker's identification loads prompts too
+            self.identify.allow_fallback = True
         self.identify.validate()
         self.attacks.validate()
+        check_judge_template(self.judge, self.judge_template)
+        if self.max_new_tokens is None:
+            self.max_new_tokens = judge_new_tokens(self.judge)
         for name in ("n_harmful", "n_harmless", "n_xstest", "n_template_prompts", "n_sweep_prompts", "n_mc", "n_ppl",
                      "n_redteam"):
             if getattr(self, name) < 0:
@@ -1166,6 +1223,40 @@ class EvalConfig:
         return n if self.limit is None else min(n, self.limit)
 
 
+#: Tokens generated per answer when ``max_new_tokens`` is None, by judge: the refusal-phrase judge reads the start
+#: of an answer; a classifier or StrongREJECT judge grades the whole of it (HarmBench generates 512 tokens).
+JUDGE_NEW_TOKENS = {"refusal": 64, "classifier": 256}
+
+
+def judge_new_tokens(judge: str | None) -> int:
+    """The default answer length for ``judge``: :data:`JUDGE_NEW_TOKENS`."""
+    refusal = judge in (None, "", "refusal", "refusal-phrases")
+    return JUDGE_NEW_TOKENS["refusal" if refusal else "classifier"]
+
+
+def check_judge_template(judge: str | None, template: str | None) -> None:
+    """``judge_template`` is a readable text file holding ``{behavior}`` and ``{generation}``, given with a
+    classifier judge."""
+    if template in (None, ""):
+        return
+    if judge in (None, "", "refusal", "refusal-phrases") or str(judge).startswith("strongreject:"):
+        raise ConfigError("judge_template is the prompt of a classifier judge; set judge to a classifier (the "
+                          "refusal judge reads no prompt, the StrongREJECT grader uses its rubric)",
+                          fields=("judge_template", "judge"))
+    path = Path(template)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        why = "not found" if isinstance(err, FileNotFoundError) else (
+            "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else (err.strerror or type(err).__name__))
+        raise ConfigError(f"judge_template {template}: {why}", fields=("judge_template",)) from None
+    missing = [p for p in ("{behavior}", "{generation}") if p not in text]
+    if missing:
+        raise ConfigError(f"judge_template {template}: no {' and no '.join(missing)} placeholder (the classifier's "
+                          "prompt holds the request as {behavior} and the answer as {generation})",
+                          fields=("judge_template",))
+
+
 #: The built-in jailbreak templates (read by name here, so a misspelt name fails before any work).
 TEMPLATES_FILE = Path(__file__).parent / "data" / "builtin" / "jailbreak_templates.json"
 
@@ -1185,7 +1276,8 @@ def check_template_names(names: list[str] | None) -> None:
                 fields=("templates",))
 
 
-__all__ += ["AttackConfig", "EvalConfig", "SWEEP_FRACTIONS", "DEFAULT_SWEEP", "DEFAULT_TEMPLATES", "NEURON_SETS"]
+__all__ += ["AttackConfig", "EvalConfig", "SWEEP_FRACTIONS", "DEFAULT_SWEEP", "DEFAULT_TEMPLATES", "NEURON_SETS",
+            "JUDGE_NEW_TOKENS", "judge_new_tokens", "check_judge_template"]
 
 
 # --------------------------------------------------------------------------- analysis (issue 6)
@@ -1213,6 +1305,9 @@ class AnalyzeConfig:
     harmless: str | None = None
     """Harmless prompts for the probes (default: the identification's source, else built-in)."""
     prompt_column: str | None = None
+    allow_fallback: bool = False
+    """A named set that cannot be loaded is an error; true = the built-in prompts instead (the identification's own
+    setting is followed for its prompts)."""
     max_prompts: int = 128
     """Prompts per class for the probes (seeded sample; both classes get the same number)."""
     held_out: bool = True
@@ -1285,7 +1380,7 @@ MAIN_JOB: dict[str, dict[str, Any]] = {
         "n_harmful": 48, "n_harmless": 24, "n_xstest": 24,
         "templates": ["prefix_injection", "refusal_suppression", "role_play"], "n_template_prompts": 16,
         "sweep": [0.0, 0.001, 0.0025, 0.005, 0.01, 0.02], "n_sweep_prompts": 16, "n_mc": 60, "mc_scoring": "option",
-        "n_ppl": 16, "n_redteam": 8, "redteam_max_new_tokens": 64, "max_new_tokens": 64, "dtype": "fast",
+        "n_ppl": 16, "n_redteam": 8, "redteam_max_new_tokens": 64, "dtype": "fast",  # max_new_tokens: the judge's
         "identify": {"max_prompts": 48},
         # the cheap attacks of the attack profile, one budget point each (--long: every kind, every budget)
         "attacks": {"kinds": ["transfer", "whitebox", "direction", "prefill", "finetune"], "direction_ranks": [1],

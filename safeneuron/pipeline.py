@@ -264,7 +264,8 @@ def _split_prompts(job: _Job) -> None:
     on the defender's part, upstream of evaluation as well). Written to ``DIR/splits/``, recorded in run.json."""
     ident, prefs, evaluate = (job.config.stage_config(s) for s in ("identify", "prefs", "evaluate"))
     for kind in ("harmful", "harmless"):
-        pool = load_prompts(getattr(ident, kind), default=kind, column=ident.prompt_column)
+        pool = load_prompts(getattr(ident, kind), default=kind, column=ident.prompt_column,
+                            allow_fallback=ident.allow_fallback)
         sizes: dict[str, int | None] = {"defender": ident.max_prompts, "prefs": getattr(prefs, f"n_{kind}")}
         if job.config.attacker_prompts == "own":
             sizes["attacker"] = evaluate.identify.max_prompts

@@ -234,11 +234,13 @@ def test_templates_fill_every_placeholder():
 
 
 def test_named_set_falls_back_offline_and_excludes(monkeypatch, caplog):
-    import safeneuron.evaluation.sets as sets
+    import safeneuron.data.prompts as prompts
 
-    monkeypatch.setattr(sets, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(prompts, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(prompts.PromptFileError, match="strongreject: cannot load the benchmark"):
+        load_eval_prompts("strongreject", n=10, seed=0)  # no silent fallback (issue 19)
     with caplog.at_level("WARNING"):
-        ps = load_eval_prompts("strongreject", n=10, seed=0)
+        ps = load_eval_prompts("strongreject", n=10, seed=0, allow_fallback=True)
     assert "falling back" in caplog.text and "fallback for strongreject" in ps.source
     assert len(ps) == 10
     everything = load_eval_prompts(None)

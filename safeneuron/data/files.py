@@ -2,7 +2,9 @@
 
 Prompt files, preference files, image+text prompt files and multiple-choice files
 all go through :func:`read_records`; each caller says what the file is (for the
-messages) and which error class to raise.
+messages) and which error class to raise. Hugging Face datasets, ``hf:name[:config][@split]``,
+are parsed by :func:`parse_hf_source` and read by :func:`read_hf_records`, for prompts and
+preference pairs alike.
 
 JSONL is split on ``\\n`` only: a JSON string may hold U+2028 or other characters
 that :meth:`str.splitlines` would treat as line breaks. CSV cells keep their quoted
@@ -14,16 +16,71 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safeneuron.artifacts import jsonl_lines
 from safeneuron.errors import SafeneuronError
 
-__all__ = ["read_records", "RECORD_SUFFIXES"]
+__all__ = ["read_records", "RECORD_SUFFIXES", "HFSource", "parse_hf_source", "read_hf_records"]
 
 #: File types :func:`read_records` reads.
 RECORD_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".txt")
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A Hugging Face dataset named as ``hf:name[:config][@split]``."""
+
+    name: str
+    config: str | None = None
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return f"hf:{self.name}" + (f":{self.config}" if self.config else "") + (f"@{self.split}" if self.split else "")
+
+
+HF_FORM = "hf:<name>[:<config>][@<split>]"
+
+
+def parse_hf_source(source: str, *, error: type[SafeneuronError] = SafeneuronError) -> HFSource:
+    """``hf:name[:config][@split]`` -> :class:`HFSource` (the one parser of every ``hf:`` prompt and preference
+    source): ``hf:walledai/HarmBench:standard@train`` is dataset ``walledai/HarmBench``, config ``standard``, split
+    ``train``; config and split are None where not written. A split may hold a slice (``@train[:100]``)."""
+    text = str(source).strip()
+    if not text.startswith("hf:"):
+        raise error(f"{text!r} is not a Hugging Face source ({HF_FORM})")
+    body, at, split = text[3:].partition("@")
+    name, colon, config = body.partition(":")
+    name, config, split = name.strip(), config.strip(), split.strip()
+    if not name or (colon and not config) or (at and not split) or any(c.isspace() for c in name):
+        raise error(f"{text}: expected {HF_FORM}, e.g. hf:walledai/HarmBench:standard@train")
+    return HFSource(name, config or None, split or None)
+
+
+def read_hf_records(source: str | HFSource, *, split: str = "train", error: type[SafeneuronError] = SafeneuronError,
+                    kinds: str | None = "CSV/JSON/JSONL") -> list[dict]:
+    """The rows of a Hugging Face dataset (``hf:name[:config][@split]``; ``split`` where the source names none) as
+    dicts. A dataset that cannot be loaded (offline without a cached copy, unknown, gated) is one ``error`` line
+    naming it and the local ``kinds`` of file to pass instead (``kinds`` None: the reason alone, for a caller that
+    words the error itself). Datasets' own loading code is never run (no ``trust_remote_code``)."""
+    spec = source if isinstance(source, HFSource) else parse_hf_source(source, error=error)
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise error("loading a Hugging Face dataset needs the `datasets` package") from None
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split or split)
+    except Exception as err:  # offline, unknown name, gated, no such config or split, ...
+        first = (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)[:300]
+        if kinds is None:
+            raise error(first) from None
+        raise error(f"{spec}: cannot load the Hugging Face dataset ({first}); pass a local {kinds} file "
+                    "instead") from None
+    if isinstance(ds, dict) or not hasattr(ds, "__iter__"):  # pragma: no cover - split is always given
+        raise error(f"{spec}: name a split ({HF_FORM})")
+    return [dict(r) for r in ds]
 
 
 def _text(path: Path, error: type[SafeneuronError], what: str, kinds: str) -> str:

@@ -559,8 +559,10 @@ def load_multimodal_set(
     image_column: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    allow_fallback: bool = False,
 ) -> MultimodalPromptSet:
-    """Image+text prompts for a VLM from any prompt source.
+    """Image+text prompts for a VLM from any prompt source (``allow_fallback``: as
+    :func:`~safeneuron.data.prompts.load_prompts`, for a named set).
 
     * ``None`` / ``"builtin"``: the built-in ``default`` text set (``harmful``,
       ``harmless``, ...) typeset as images with :data:`FIGSTEP_REQUEST`. For
@@ -589,7 +591,7 @@ def load_multimodal_set(
     if path.suffix.lower() == ".jsonl" and path.is_file() and _jsonl_has_image_column(path, image_column):
         items = load_multimodal_prompts(path, text_column=column, image_column=image_column)
         return MultimodalPromptSet(items, str(path)).limit(limit, seed)
-    text = load_prompts(src, column=column, limit=limit, seed=seed)
+    text = load_prompts(src, column=column, limit=limit, seed=seed, allow_fallback=allow_fallback)
     return MultimodalPromptSet(typographic_prompts(text), f"{text.source} (typographic)")
 
 

@@ -5,7 +5,7 @@ messages), ``chosen`` and ``rejected`` (the assistant's text, or a list of
 messages), plus any provenance fields. :class:`PreferenceSet` holds pairs and turns
 them into the records TRL's ``DPOTrainer`` reads (:meth:`PreferenceSet.to_trl`).
 
-Formats read by :func:`load_preferences` (JSONL, JSON, CSV/TSV or ``hf:<dataset>``):
+Formats read by :func:`load_preferences` (JSONL, JSON, CSV/TSV or ``hf:<name>[:<config>][@<split>]``):
 
 * ``plain``: ``prompt`` / ``chosen`` / ``rejected`` columns, strings or chat messages
   (TRL's explicit and implicit-prompt formats; UltraFeedback-binarized rows included);
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from safeneuron.artifacts import read_json, sha256_text, write_jsonl
-from safeneuron.data.files import read_records
+from safeneuron.data.files import read_hf_records, read_records
 from safeneuron.data.prompts import PLAIN_FORMAT, builtin_path
 from safeneuron.errors import SafeneuronError
 
@@ -134,17 +134,8 @@ def _as_plain_prompt(prompt) -> str:
 
 # --------------------------------------------------------------------------- reading records
 def _read_records(source: str, split: str) -> list[dict]:
-    if source.startswith("hf:"):
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(source[3:], split=split)
-        except Exception as err:  # offline, unknown name, gated, ...
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PreferenceDataError(
-                f"{source}: cannot load the Hugging Face dataset ({first}); pass a local JSONL/CSV file instead"
-            ) from None
-        return [dict(r) for r in ds]
+    if source.startswith("hf:"):  # hf:name[:config][@split], the split of the source or ``split``
+        return read_hf_records(source, split=split, error=PreferenceDataError, kinds="JSONL/CSV")
     return read_records(source, error=PreferenceDataError, what="preference file", items="records",
                         suffixes=(".jsonl", ".json", ".csv", ".tsv"))
 

@@ -11,18 +11,21 @@ from __future__ import annotations
 from safeneuron.errors import SafeneuronError
 
 import logging
+import os
 import random
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
+from urllib.parse import urlparse
 
 from safeneuron.artifacts import sha256_text
-from safeneuron.data.files import read_records
+from safeneuron.data.files import parse_hf_source, read_hf_records, read_records
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PromptSet", "PromptFileError", "load_prompts", "render_chat", "builtin_path", "match_lengths",
-           "PROMPT_COLUMNS"]
+           "PROMPT_COLUMNS", "NamedSet", "NAMED_SETS", "HARMFUL_SETS"]
 
 #: Column names recognised as the prompt, in order of preference (case-insensitive).
 PROMPT_COLUMNS = ("prompt", "goal", "behavior", "instruction", "question", "text")
@@ -35,6 +38,39 @@ BUILTIN_SETS = ("harmful", "harmless", "xstest_like")
 
 class PromptFileError(SafeneuronError):
     """A prompt file or dataset cannot be used (missing, empty, no prompt column, ...)."""
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    """A public prompt benchmark on the Hugging Face hub, given by its name wherever prompts are.
+
+    Attributes:
+        hf_id, subset, split: the dataset, its config and split.
+        column: the prompt column.
+        size: prompts it holds (the safe ones for XSTest).
+        fallback: the built-in set used instead when it cannot be loaded and ``allow_fallback`` is set.
+    """
+
+    hf_id: str
+    column: str
+    split: str = "train"
+    subset: str | None = None
+    size: int | None = None
+    fallback: str = "harmful"
+
+
+#: The standard harmful sets by name (StrongREJECT's 313 prompts is the method's benchmark).
+HARMFUL_SETS: dict[str, NamedSet] = {
+    "strongreject": NamedSet("walledai/StrongREJECT", "prompt", size=313),
+    "advbench": NamedSet("walledai/AdvBench", "prompt", size=520),
+    "harmbench": NamedSet("walledai/HarmBench", "prompt", subset="standard", size=200),
+    "jailbreakbench": NamedSet("JailbreakBench/JBB-Behaviors", "Goal", split="harmful", subset="behaviors", size=100),
+}
+#: Every named set: the harmful ones and XSTest (its 250 safe prompts, for over-refusal: see :func:`_xstest_safe`).
+NAMED_SETS: dict[str, NamedSet] = {
+    **HARMFUL_SETS,
+    "xstest": NamedSet("walledai/XSTest", "prompt", size=250, fallback="xstest_like"),
+}
 
 
 def builtin_path(name: str) -> Path:
@@ -112,6 +148,32 @@ def _pick(columns: Sequence[str], wanted: Sequence[str]) -> str | None:
     return None
 
 
+def _xstest_safe(records: list[dict], columns: Sequence[str], source: str) -> tuple[list[dict], str | None]:
+    """XSTest's rows (a ``type`` column beside a ``label`` of ``safe``/``unsafe``; the v2 CSV without ``label``:
+    types ``contrast_*`` are the unsafe ones) -> only its safe prompts, and the ``type`` column (their category).
+    The unsafe contrast prompts are there to be refused: counted as over-refusal prompts, refusing them would be
+    scored as over-refusal. Rows of any other format are returned as they are (and None)."""
+    lower = {str(c).lower().strip(): c for c in columns}
+    kind, label = lower.get("type"), lower.get("label")
+    if kind is None:
+        return records, None
+    if label is not None:
+        labels = {str(r.get(label, "")).strip().lower() for r in records}
+        if not labels or not labels <= {"safe", "unsafe"}:
+            return records, None
+        kept = [r for r in records if str(r.get(label, "")).strip().lower() == "safe"]
+        how = f"{label} = safe"
+    else:
+        if not any(str(r.get(kind, "")).startswith("contrast_") for r in records):
+            return records, None
+        kept = [r for r in records if not str(r.get(kind, "")).startswith("contrast_")]
+        how = f"{kind} not contrast_*"
+    logger.info("%s: kept the %d safe of %d XSTest prompts (%s)", source, len(kept), len(records), how)
+    if not kept:
+        raise PromptFileError(f"{source}: no safe XSTest prompts ({how}: none of {len(records)} rows)")
+    return kept, kind
+
+
 def _from_records(records: list, source: str, column: str | None) -> PromptSet:
     if not records:
         raise PromptFileError(f"{source}: no prompts (empty file)")
@@ -131,7 +193,8 @@ def _from_records(records: list, source: str, column: str | None) -> PromptSet:
         if len(kept) < len(records):
             logger.info("%s: kept %d 'standard' of %d HarmBench rows", source, len(kept), len(records))
         records = kept
-    cat_col = _pick(columns, CATEGORY_COLUMNS)
+    records, xstest_type = _xstest_safe(records, columns, source)
+    cat_col = _pick(columns, CATEGORY_COLUMNS) or xstest_type
     prompts, categories = [], []
     for n, r in enumerate(records, 1):
         value = r.get(prompt_col)
@@ -153,19 +216,51 @@ def _read_file(path: Path, column: str | None) -> PromptSet:
     return _from_records(records, str(path), column)
 
 
-def _read_hf(name: str, column: str | None, split: str) -> PromptSet:
+def _read_hf(source: str, column: str | None, split: str) -> PromptSet:
+    """``hf:name[:config][@split]`` (``split`` where it names none)."""
+    spec = parse_hf_source(source, error=PromptFileError)
+    return _from_records(read_hf_records(spec, split=split, error=PromptFileError), str(spec), column)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when the hub's host does not resolve (fails fast instead of the datasets library's retries); True in
+    offline mode (``HF_HUB_OFFLINE=1``: datasets reads its local cache)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    previous = socket.getdefaulttimeout()
     try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        raise PromptFileError("loading a Hugging Face dataset needs the `datasets` package") from None
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _read_named(name: str, allow_fallback: bool) -> PromptSet:
+    """A benchmark of :data:`NAMED_SETS` from the hub (or its cached copy). One that cannot be loaded is an error
+    naming it, unless ``allow_fallback``: then its built-in fallback set, with a warning, recorded in the set's
+    ``source`` (``builtin:harmful (fallback for strongreject)``)."""
+    spec = NAMED_SETS[name]
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as err:  # offline, unknown name, gated, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PromptFileError(
-            f"hf:{name}: cannot load the Hugging Face dataset ({first}); pass a local CSV/JSON/JSONL file instead"
-        ) from None
-    return _from_records([dict(r) for r in ds], f"hf:{name}", column)
+        if not _hub_reachable():
+            raise PromptFileError("the Hugging Face hub is not reachable and HF_HUB_OFFLINE is not set")
+        records = read_hf_records(f"hf:{spec.hf_id}" + (f":{spec.subset}" if spec.subset else "") + f"@{spec.split}",
+                                  error=PromptFileError, kinds=None)
+        return _from_records(records, f"hf:{spec.hf_id}", spec.column)
+    except PromptFileError as err:
+        why = str(err)
+        if not allow_fallback:
+            raise PromptFileError(
+                f"{name}: cannot load the benchmark {spec.hf_id} ({why}); pass a local copy of it (a CSV/JSON/JSONL "
+                f"file), or set allow_fallback to use the built-in {spec.fallback} prompts instead",
+                fields=("allow_fallback",)) from None
+        logger.warning("%s: %s; falling back to the built-in %s prompts (allow_fallback)", name, why, spec.fallback)
+        ps = _read_file(builtin_path(f"{spec.fallback}.jsonl"), None)
+        ps.source = f"builtin:{spec.fallback} (fallback for {name})"
+        return ps
 
 
 def _clean(ps: PromptSet) -> PromptSet:
@@ -198,29 +293,36 @@ def load_prompts(
     split: str = "train",
     limit: int | None = None,
     seed: int = 0,
+    allow_fallback: bool = False,
 ) -> PromptSet:
-    """Load a prompt set.
+    """Load a prompt set: the one loader of every stage that takes prompts.
 
     Args:
         source: ``None`` or ``"builtin"`` for the built-in ``default`` set,
-            ``"builtin:<name>"`` (harmful, harmless, xstest_like), a CSV/TSV/JSON/JSONL/TXT
-            path, or ``"hf:<dataset>"`` for a Hugging Face dataset.
+            ``"builtin:<name>"`` (harmful, harmless, xstest_like), a name of :data:`NAMED_SETS`
+            (``strongreject``, ``advbench``, ``harmbench``, ``jailbreakbench``, ``xstest``), a
+            CSV/TSV/JSON/JSONL/TXT path, or ``"hf:<name>[:<config>][@<split>]"`` for a Hugging Face
+            dataset. XSTest rows (a file or dataset) keep only their safe prompts (:func:`_xstest_safe`).
         default: built-in set used when ``source`` is None.
-        column: prompt column (detected among :data:`PROMPT_COLUMNS` when None).
-        split: dataset split for ``hf:`` sources.
+        column: prompt column (detected among :data:`PROMPT_COLUMNS` when None; a named set has its own).
+        split: dataset split for ``hf:`` sources that name none.
         limit: keep at most this many prompts (seeded random sample, order kept).
+        allow_fallback: a named set that cannot be loaded (offline, no cached copy) is replaced by its built-in
+            fallback set with a warning (recorded in ``source``) instead of being an error.
     """
     if source is None or str(source) == "builtin":
         source = f"builtin:{default}"
     src = str(source)
-    if src.startswith("builtin:"):
+    if src.strip().lower() in NAMED_SETS:
+        ps = _read_named(src.strip().lower(), allow_fallback)
+    elif src.startswith("builtin:"):
         name = src.split(":", 1)[1]
         if name not in BUILTIN_SETS:
             raise PromptFileError(f"unknown built-in prompt set {name!r}; choose one of {', '.join(BUILTIN_SETS)}")
         ps = _read_file(builtin_path(f"{name}.jsonl"), column)
         ps.source = src
     elif src.startswith("hf:"):
-        ps = _read_hf(src[3:], column, split)
+        ps = _read_hf(src, column, split)
     else:
         ps = _read_file(Path(src), column)
     return _clean(ps).limit(limit, seed)

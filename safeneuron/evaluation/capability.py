@@ -15,16 +15,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from safeneuron.artifacts import write_json, write_jsonl
 from safeneuron.inputs import model_device
 from safeneuron.data.files import read_records
 from safeneuron.errors import SafeneuronError
@@ -305,11 +307,16 @@ LM_EVAL_FEWSHOT = {"arc_challenge": 25, "arc_easy": 25, "truthfulqa_mc1": 0, "tr
 
 
 def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: int | None = None,
-                batch_size: int = 8, num_fewshot: dict[str, int] | None = None) -> dict[str, dict]:
+                batch_size: int = 8, num_fewshot: dict[str, int] | None = None,
+                apply_chat_template: bool = False, out_dir: str | Path | None = None) -> dict[str, dict]:
     """Run lm-evaluation-harness tasks on an in-memory model (hooks stay active).
 
     Returns ``{task: {metric: value}}``. Few-shot counts default to
-    :data:`LM_EVAL_FEWSHOT` (the method's protocol), else the task's own.
+    :data:`LM_EVAL_FEWSHOT` (the method's protocol), else the task's own;
+    ``apply_chat_template`` is passed to ``lm_eval.simple_evaluate`` as it is. With
+    ``out_dir``, lm-eval's own output is kept there, as its ``--output_path --log_samples``
+    would: ``results.json`` (its results, configs and versions) and ``samples_<task>.jsonl``
+    (one record per example: doc, arguments, responses, metrics).
     """
     try:
         import lm_eval
@@ -322,8 +329,30 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: int
     shots = dict(LM_EVAL_FEWSHOT, **(num_fewshot or {}))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out: dict[str, dict] = {}
+    kept: dict[str, Any] = {}
     for task in tasks:
-        res = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots.get(task), limit=limit)
-        for name, metrics in (res or {}).get("results", {}).items():
+        res = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots.get(task), limit=limit,
+                                      log_samples=out_dir is not None, apply_chat_template=apply_chat_template)
+        res = res or {}
+        for name, metrics in res.get("results", {}).items():
             out[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if out_dir is not None:
+            for name, records in (res.get("samples") or {}).items():
+                write_jsonl(Path(out_dir) / f"samples_{_file_part(name)}.jsonl", [_plain(r) for r in records])
+            for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+                for name, value in (res.get(key) or {}).items():
+                    kept.setdefault(key, {})[name] = _plain(value)
+    if out_dir is not None:
+        kept["apply_chat_template"] = apply_chat_template
+        write_json(Path(out_dir) / "results.json", kept)
     return out
+
+
+def _file_part(name: str) -> str:
+    """A task name as a file-name part (lm-eval task names are identifiers, sub-tasks may hold ``/``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold (tensors, numpy scalars, functions) as text."""
+    return json.loads(json.dumps(value, default=str))

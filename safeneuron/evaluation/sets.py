@@ -1,31 +1,30 @@
 """Evaluation prompt sets: the standard harmful benchmarks by name, jailbreak
 templates and red-team requests.
 
-Named harmful sets load from the Hugging Face hub; offline (or when the dataset
-cannot be loaded) they fall back to the built-in harmful prompts with a logged
-warning, and the returned set's ``source`` says which one was used. Set
-``HF_HUB_OFFLINE=1`` to read a dataset from the local Hugging Face cache.
+The named benchmarks (:data:`~safeneuron.data.prompts.NAMED_SETS`) load through the one
+prompt loader, :func:`~safeneuron.data.prompts.load_prompts`, in every stage: from the
+Hugging Face hub (``HF_HUB_OFFLINE=1`` reads its local cache). One that cannot be loaded is
+an error naming it; with ``allow_fallback`` the built-in prompts are used instead, with a
+logged warning, and the returned set's ``source`` says so.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-from dataclasses import dataclass
 from typing import Iterable
-from urllib.parse import urlparse
 
 from safeneuron.artifacts import jsonl_lines
 from safeneuron.data.images import MultimodalPromptSet, load_multimodal_set, typographic_prompts
-from safeneuron.data.prompts import PromptFileError, PromptSet, _clean, _from_records, builtin_path, load_prompts
+from safeneuron.data.prompts import (HARMFUL_SETS, NAMED_SETS, NamedSet, PromptFileError, PromptSet, _from_records,
+                                      builtin_path, load_prompts)
 from safeneuron.errors import SafeneuronError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "HARMFUL_SETS",
+    "NAMED_SETS",
     "NamedSet",
     "load_eval_prompts",
     "load_multimodal_harmful",
@@ -37,57 +36,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class NamedSet:
-    """A public harmful-prompt benchmark on the Hugging Face hub."""
-
-    hf_id: str
-    column: str
-    split: str = "train"
-    subset: str | None = None
-    size: int | None = None
-
-
-#: Standard harmful sets by name (StrongREJECT's 313 prompts is the method's benchmark).
-HARMFUL_SETS: dict[str, NamedSet] = {
-    "strongreject": NamedSet("walledai/StrongREJECT", "prompt", size=313),
-    "advbench": NamedSet("walledai/AdvBench", "prompt", size=520),
-    "harmbench": NamedSet("walledai/HarmBench", "prompt", subset="standard", size=200),
-    "jailbreakbench": NamedSet("JailbreakBench/JBB-Behaviors", "Goal", split="harmful", subset="behaviors", size=100),
-}
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """False when offline mode is set or the hub's host does not resolve (fails fast
-    instead of the datasets library's retries)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return True  # offline mode reads the local cache: let datasets try it
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    previous = socket.getdefaulttimeout()
-    try:
-        socket.setdefaulttimeout(timeout)
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _load_named(name: str) -> PromptSet:
-    spec = HARMFUL_SETS[name]
-    if not _hub_reachable():
-        raise PromptFileError(f"{name}: the Hugging Face hub is not reachable")
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(spec.hf_id, spec.subset, split=spec.split)
-    except Exception as err:  # offline, gated, renamed, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PromptFileError(f"{name}: cannot load {spec.hf_id} ({first})") from None
-    return _clean(_from_records([dict(r) for r in ds], f"hf:{spec.hf_id}", spec.column))
-
-
 def load_eval_prompts(
     source: str | None,
     *,
@@ -95,22 +43,16 @@ def load_eval_prompts(
     n: int | None = None,
     seed: int = 0,
     exclude: Iterable[str] = (),
+    allow_fallback: bool = False,
 ) -> PromptSet:
     """Prompts for a measurement, disjoint from ``exclude`` (e.g. the attacker's
     identification prompts), then a seeded sample of at most ``n``.
 
-    ``source``: a name of :data:`HARMFUL_SETS` (built-in fallback offline), a file,
-    ``hf:<dataset>``, ``builtin:<set>`` or None for ``builtin:<default>``.
+    ``source``: what :func:`~safeneuron.data.prompts.load_prompts` takes: a name of :data:`NAMED_SETS`
+    (an error when it cannot be loaded; with ``allow_fallback`` its built-in fallback set), a file,
+    ``hf:<name>[:<config>][@<split>]``, ``builtin:<set>`` or None for ``builtin:<default>``.
     """
-    if source is not None and source.lower() in HARMFUL_SETS:
-        try:
-            ps = _load_named(source.lower())
-        except PromptFileError as err:
-            logger.warning("%s; falling back to the built-in %s prompts", err, default)
-            ps = load_prompts(None, default=default)
-            ps.source = f"builtin:{default} (fallback for {source.lower()})"
-    else:
-        ps = load_prompts(source, default=default)
+    ps = load_prompts(source, default=default, allow_fallback=allow_fallback)
     drop = set(exclude)
     if drop:
         keep = [i for i, p in enumerate(ps.prompts) if p not in drop]

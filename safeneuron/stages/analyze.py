@@ -92,11 +92,13 @@ def _probe_prompts(config: AnalyzeConfig, manifest: dict | None) -> tuple[Prompt
     for label in ("harmful", "harmless"):
         given = getattr(config, label)
         column = config.prompt_column or settings.get("prompt_column")
-        full = load_prompts(given or settings.get(label), default=label, column=column)
+        fallback = config.allow_fallback or bool(settings.get("allow_fallback"))  # as the identification loaded them
+        full = load_prompts(given or settings.get(label), default=label, column=column, allow_fallback=fallback)
         held_out = False
         if config.held_out and manifest is not None and given in (None, settings.get(label)):
             used = set(load_prompts(settings.get(label), default=label, column=settings.get("prompt_column"),
-                                    limit=settings.get("max_prompts"), seed=settings.get("seed", 0)).prompts)
+                                    limit=settings.get("max_prompts"), seed=settings.get("seed", 0),
+                                    allow_fallback=fallback).prompts)
             rest = [i for i, p in enumerate(full.prompts) if p not in used]
             if len(rest) >= 8:
                 full = full.subset(rest, f"{full.source} minus identification prompts")

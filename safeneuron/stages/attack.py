@@ -146,9 +146,9 @@ def attacker_prompts(config: IdentifyConfig):
     """The (harmful, harmless) prompts an identification with ``config`` uses, so the
     evaluation can leave them out."""
     harmful = load_prompts(config.harmful, default="harmful", column=config.prompt_column,
-                           limit=config.max_prompts, seed=config.seed)
+                           limit=config.max_prompts, seed=config.seed, allow_fallback=config.allow_fallback)
     harmless = load_prompts(config.harmless, default="harmless", column=config.prompt_column,
-                            limit=config.max_prompts, seed=config.seed)
+                            limit=config.max_prompts, seed=config.seed, allow_fallback=config.allow_fallback)
     return harmful, harmless
 
 
@@ -257,10 +257,10 @@ def _run_attack(config: AttackConfig, out: Path, loaded, progress: bool) -> dict
     if config.kind != "prune":
         return _run_attack_kind(loaded, config, out, progress, t_start)
     sites = find_mlps(loaded.model)
-    judge = load_judge(config.judge, device=config.device)
+    judge = load_judge(config.judge, device=config.device, template=config.judge_template)
     chosen = _attack_mask(loaded, config, out, progress)
     prompts = load_eval_prompts(config.eval_harmful, default="harmful", n=config.limit, seed=config.seed,
-                                exclude=chosen.exclude)
+                                exclude=chosen.exclude, allow_fallback=config.allow_fallback)
     measure = _Conditions(loaded, config, judge, chosen, progress)
     results = measure(prompts.prompts, None, out / "generations" / "harmful.jsonl")
     # A VLM is also attacked with image+text inputs: the same conditions on the harmful prompts
@@ -299,11 +299,11 @@ def _run_attack_kind(loaded, config: AttackConfig, out: Path, progress: bool, t_
                           fields=("save",))
     if config.save:
         _refuse_nonempty_save(config.save)
-    judge = load_judge(config.judge, device=config.device)
+    judge = load_judge(config.judge, device=config.device, template=config.judge_template)
     id_config = attacker_config(loaded, config.identify, seed=config.seed, batch_size=config.batch_size)
     id_harmful, id_harmless = attacker_prompts(id_config)
     prompts = load_eval_prompts(config.eval_harmful, default="harmful", n=config.limit, seed=config.seed,
-                                exclude=id_harmful.prompts + id_harmless.prompts)
+                                exclude=id_harmful.prompts + id_harmless.prompts, allow_fallback=config.allow_fallback)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed)
     ctx = AttackContext(loaded, config.attacks, judge, settings, model_tag(loaded), out, id_config, id_harmful,
                         id_harmless, exclude=prompts.prompts, progress=progress,

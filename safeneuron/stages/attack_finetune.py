@@ -64,8 +64,9 @@ def finetune_pairs(ctx: AttackContext, n: int) -> tuple[list[tuple[str, str]], d
         pairs = _pairs_from_file(cfg.finetune_answers, exclude)
         return pairs[:n], {"source": str(cfg.finetune_answers), "available": len(pairs)}
     if cfg.finetune_prompts:
-        prompts = [p for p in load_prompts(cfg.finetune_prompts, default="harmful", seed=ctx.id_config.seed).prompts
-                   if p not in exclude]
+        given = load_prompts(cfg.finetune_prompts, default="harmful", seed=ctx.id_config.seed,
+                             allow_fallback=ctx.id_config.allow_fallback)
+        prompts = [p for p in given.prompts if p not in exclude]
     else:
         prompts = list(ctx.id_harmful.prompts)
     mask = ctx.identification().sets["union"]

@@ -124,6 +124,7 @@ class _Measure:
     tag: str
     gen_dir: Path
     progress: bool = True
+    eval_dir: Path | None = None  # the evaluation's --out (lm-eval's own output goes to lm_eval/<model>/)
     timings: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)  # measurement -> sample records (samples/<model>/<name>.jsonl)
@@ -182,12 +183,12 @@ def evaluate_model(
     out = Path(out)
     name = name or str(loaded.name)
     slug = slug or model_slug(name)
-    judge = judge or load_judge(config.judge, device=config.device)
+    judge = judge or load_judge(config.judge, device=config.device, template=config.judge_template)
     unreadable_before = getattr(judge, "unparsed", 0)  # a classifier judge counts the verdicts it could not read
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                   seed=config.seed)
     m = _Measure(loaded, config, judge, RefusalJudge(), settings, model_tag(loaded), out / "generations" / slug,
-                 progress)
+                 progress, eval_dir=out)
     t_model = time.perf_counter()
 
     # The attacker's identification prompts never enter a measurement (same split for every model).
@@ -197,9 +198,9 @@ def evaluate_model(
     entry: dict = {"name": name, "path": str(loaded.path), "model_type": loaded.model_type, "judge": judge.name,
                    "slug": slug}
     harmful = load_eval_prompts(config.harmful, default="harmful", n=config.capped(config.n_harmful),
-                                seed=config.seed, exclude=id_harmful.prompts)
+                                seed=config.seed, exclude=id_harmful.prompts, allow_fallback=config.allow_fallback)
     harmless = load_eval_prompts(config.harmless, default="harmless", n=config.capped(config.n_harmless),
-                                 seed=config.seed, exclude=id_harmless.prompts)
+                                 seed=config.seed, exclude=id_harmless.prompts, allow_fallback=config.allow_fallback)
     entry.update(n_harmful=len(harmful), n_harmless=len(harmless), upstream_overlap=_upstream_overlap(config, harmful,
                                                                                                      harmless))
     m.sources.update(harmful=harmful.source, harmless=harmless.source)
@@ -435,7 +436,8 @@ def _over_refusal(m: _Measure, harmless) -> dict:
         xs_rate = Rate(0, 0)
         n_xs = config.capped(config.n_xstest)
         if config.xstest and n_xs:
-            xs = load_eval_prompts(config.xstest, default="xstest_like", n=n_xs, seed=config.seed)
+            xs = load_eval_prompts(config.xstest, default="xstest_like", n=n_xs, seed=config.seed,
+                                   allow_fallback=config.allow_fallback)
             m.sources["xstest"] = xs.source
             judged = m.run(xs.prompts, "refused", cache="xstest", use_judge=m.refusal_judge, sample="xstest",
                            reported="over_refusal_xstest")
@@ -506,7 +508,8 @@ def _capability(m: _Measure, id_harmless) -> dict:
     if n_ppl:
         with m.timed("perplexity_s"):
             texts = load_eval_prompts(config.ppl_file or config.harmless, default="harmless", n=n_ppl,
-                                      seed=config.seed, exclude=id_harmless.prompts)
+                                      seed=config.seed, exclude=id_harmless.prompts,
+                                      allow_fallback=config.allow_fallback)
             ppl, ppl_tokens = perplexity(model, tokenizer, texts.prompts, batch_size=max(1, config.batch_size // 2))
             m.sources["perplexity"] = texts.source
     part.update(perplexity=ppl, perplexity_tokens=ppl_tokens)
@@ -515,7 +518,10 @@ def _capability(m: _Measure, id_harmless) -> dict:
     if config.lm_eval_tasks:
         with m.timed("lm_eval_s"):
             lm_eval_results = run_lm_eval(model, tokenizer, config.lm_eval_tasks, limit=config.lm_eval_limit,
-                                          batch_size=config.batch_size)
+                                          batch_size=config.batch_size,
+                                          apply_chat_template=config.lm_eval_chat_template,
+                                          out_dir=None if m.eval_dir is None else m.eval_dir / "lm_eval" / m.gen_dir.name)
+        m.sources["lm_eval"] = f"lm_eval/{m.gen_dir.name}"  # lm-eval's results.json and samples_<task>.jsonl
     part["lm_eval"] = lm_eval_results
     return part
 
@@ -585,7 +591,7 @@ def settings_key(config: EvalConfig) -> str:
     """What an evaluation's numbers depend on besides the models, by content: the settings with every prompt, MC,
     text and mask file by its bytes (never the spelling of its path); the device is left out."""
     files = ("harmful", "harmless", "xstest", "multimodal_harmful", "multimodal_harmless", "mc_file", "ppl_file",
-             "redteam", "mask")
+             "redteam", "judge_template", "mask")
     mask = Path(config.mask) / "safety_neurons.safetensors" if config.mask and Path(config.mask).is_dir() else config.mask
     keyed = replace(config, **{k: source_digest(getattr(config, k)) for k in files if k != "mask"},
                     mask=source_digest(mask),
@@ -626,7 +632,7 @@ def _unique_slug(name: str, taken: Mapping[str, str]) -> str:
 def _evaluate_into(models, config: EvalConfig, out: Path, progress: bool, overwrite: bool) -> dict:
     """:func:`evaluate_models` with the output directory's lock held."""
     t_start = time.perf_counter()
-    judge = load_judge(config.judge, device=config.device)
+    judge = load_judge(config.judge, device=config.device, template=config.judge_template)
     key = settings_key(config)
     kept = _previous_results(out, key, config, overwrite)
     results: dict = {"models": kept, "settings": asdict(config), "settings_key": key, "versions": versions()}

@@ -200,14 +200,15 @@ def _load_sets(config: IdentifyConfig, multimodal: bool = False
     (:func:`safeneuron.data.images.load_multimodal_set`: image JSONL files, ``builtin:`` multimodal
     sets, text sets typeset as images)."""
     load = load_multimodal_set if multimodal else load_prompts
+    fallback = config.allow_fallback  # a named set that cannot be loaded: an error unless this is set
     harmful = load(config.harmful, default="harmful", column=config.prompt_column, limit=config.max_prompts,
-                   seed=config.seed)
+                   seed=config.seed, allow_fallback=fallback)
     if config.match_lengths and not multimodal:  # the harmless prompts of the harmful prompts' word counts
-        harmless = match_lengths(load_prompts(config.harmless, default="harmless", column=config.prompt_column),
-                                 harmful)
+        harmless = match_lengths(load_prompts(config.harmless, default="harmless", column=config.prompt_column,
+                                              allow_fallback=fallback), harmful)
     else:
         harmless = load(config.harmless, default="harmless", column=config.prompt_column, limit=config.max_prompts,
-                        seed=config.seed)
+                        seed=config.seed, allow_fallback=fallback)
     for label, ps in (("harmful", harmful), ("harmless", harmless)):
         if len(ps) < 2:
             raise PromptFileError(f"{ps.source}: {len(ps)} {label} prompt(s); statistics need at least 2 per class")
@@ -236,7 +237,7 @@ def _legacy_run_keys(config: IdentifyConfig, harmful: PromptSet, harmless: Promp
 def _verify_prompts(config: IdentifyConfig, harmful: PromptSet):
     """The causal check's held-out harmful prompts: never one identification used."""
     return load_eval_prompts(config.verify_harmful or config.harmful, default="harmful", n=config.verify_prompts,
-                             seed=config.seed, exclude=harmful.prompts)
+                             seed=config.seed, exclude=harmful.prompts, allow_fallback=config.allow_fallback)
 
 
 def identify(

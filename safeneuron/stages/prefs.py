@@ -102,9 +102,10 @@ def synthesize_preferences(
     config.validate()
     out = Path(out)
     t_start = time.perf_counter()
-    harmful = load_prompts(config.harmful, default="harmful", limit=config.n_harmful, seed=config.seed)
-    harmless = (load_prompts(config.harmless, default="harmless", limit=config.n_harmless, seed=config.seed)
-                if config.n_harmless else None)
+    harmful = load_prompts(config.harmful, default="harmful", limit=config.n_harmful, seed=config.seed,
+                           allow_fallback=config.allow_fallback)
+    harmless = (load_prompts(config.harmless, default="harmless", limit=config.n_harmless, seed=config.seed,
+                             allow_fallback=config.allow_fallback) if config.n_harmless else None)
     mask, mask_source = _synthesis_mask(loaded, config, mask, identify_dir or out.parent / f"{out.stem}_identify",
                                         progress)
     answers = _answers(loaded, harmful, harmless, mask, config, out, progress)
