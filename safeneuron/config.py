@@ -1005,7 +1005,8 @@ class AttackConfig:
     judge: str = "refusal"
     """The ASR judge, as ``safeneuron evaluate``'s: ``refusal`` (refusal phrases), a safety classifier (hub id or
     path, e.g. Llama-Guard-3 or a HarmBench classifier; ``guard:``/``harmbench:``/``sequence:`` names its kind) or
-    ``strongreject:<chat model>`` (the StrongREJECT rubric graded by any chat model), combined with the phrases."""
+    ``strongreject:<chat model>`` (the StrongREJECT rubric graded by any chat model) or ``strongreject-ft:<model>``
+    (StrongREJECT's fine-tuned grader, e.g. ``qylu4156/strongreject-15k-v1``), combined with the phrases."""
     judge_template: str | None = None
     """A classifier judge's prompt, a text file with ``{behavior}`` and ``{generation}`` placeholders (for a
     classifier trained on another format); None = the classifier's own (HarmBench's Llama-2 or Mistral template)."""
@@ -1157,7 +1158,9 @@ class EvalConfig:
     """The ASR judge: ``refusal`` (refusal phrases); a safety classifier by hub id or path (Llama-Guard, the
     HarmBench classifiers ``cais/HarmBench-Llama-2-13b-cls`` / ``cais/HarmBench-Mistral-7b-val-cls``, each fed its
     own prompt format; ``guard:``/``harmbench:``/``sequence:`` names the kind); or ``strongreject:<chat model>``
-    (StrongREJECT's rubric graded by any chat model, hub id or path). Combined with the refusal phrases."""
+    (StrongREJECT's rubric graded by any chat model, hub id or path); or ``strongreject-ft:<model>`` (StrongREJECT's
+    fine-tuned grader, the adapter ``qylu4156/strongreject-15k-v1`` or a merged copy, read off its grade-token
+    probabilities). Combined with the refusal phrases."""
     judge_template: str | None = None
     """A classifier judge's prompt, a text file with ``{behavior}`` and ``{generation}`` placeholders (for a
     classifier trained on another format); None = the classifier's own (HarmBench's Llama-2 or Mistral template)."""
@@ -1239,7 +1242,7 @@ def check_judge_template(judge: str | None, template: str | None) -> None:
     classifier judge."""
     if template in (None, ""):
         return
-    if judge in (None, "", "refusal", "refusal-phrases") or str(judge).startswith("strongreject:"):
+    if judge in (None, "", "refusal", "refusal-phrases") or str(judge).startswith(("strongreject:", "strongreject-ft:")):
         raise ConfigError("judge_template is the prompt of a classifier judge; set judge to a classifier (the "
                           "refusal judge reads no prompt, the StrongREJECT grader uses its rubric)",
                           fields=("judge_template", "judge"))

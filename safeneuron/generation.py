@@ -217,3 +217,31 @@ def complete_texts(
         for i, d in zip(idx, decoded):
             out[i] = d.strip()
     return out
+
+
+@torch.no_grad()
+def last_token_logits(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_length: int = 4096,
+    add_special_tokens: bool = True,
+) -> torch.Tensor:
+    """Next-token logits after already formatted texts (no chat rendering), float32 [n_texts, vocab], in input
+    order: a scoring judge's reading of its own answer token. Left-padded batches grouped by length."""
+    _prepare_tokenizer(tokenizer)
+    device = model_device(model)
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length, add_special_tokens=add_special_tokens)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        logits = model(**enc).logits[:, -1].float().cpu()
+        for i, row in zip(idx, logits):
+            out[i] = row
+    return torch.stack(out) if out else torch.zeros(0, 0)
