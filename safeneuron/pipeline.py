@@ -309,11 +309,37 @@ def _align_every_mode(job: _Job) -> None:
                                 progress=job.progress))
 
 
+def _evaluation_is_current(job: _Job, key: str) -> bool:
+    """True when ``DIR/evaluate/results.json`` is this stage's finished result with these settings (``key``), holds
+    every model of the job by name and path, and is newer than each model's weights: a resumed job (a sweep's
+    finished arm) does not evaluate again. Any doubt (no record, a model retrained since, redo) means evaluate."""
+    record = job.record["stages"].get("evaluate") or {}
+    results = job.out / "evaluate" / "results.json"
+    if "evaluate" in job.redo or record.get("status") != "done" or record.get("settings_hash") != key \
+            or not results.is_file():
+        return False
+    entries = {m.get("name"): m for m in read_json(results).get("models", []) if isinstance(m, dict)}
+    written = results.stat().st_mtime
+    for name, path in job.models.items():
+        entry = entries.get(name)
+        if entry is None or not entry.get("path") or Path(entry["path"]).resolve() != Path(path).resolve():
+            return False
+        weights = Path(path)
+        if weights.is_dir() and any(f.stat().st_mtime > written for f in weights.glob("*.safetensors")):
+            return False
+    return True
+
+
 def _evaluate_models(job: _Job) -> None:
     config = job.stage_config("evaluate")
-    job.stage("evaluate", settings_hash(config),  # models are loaded one at a time
-              lambda: evaluate_models(job.models, config, job.out / "evaluate", progress=job.progress,
-                                      overwrite="evaluate" in job.redo))
+    key = settings_hash(config)
+    if _evaluation_is_current(job, key):
+        logger.info("%s: every model already evaluated with these settings; reusing it", job.out / "evaluate")
+        job.stage("evaluate", key, lambda: read_json(job.out / "evaluate" / "results.json"))
+    else:
+        job.stage("evaluate", key,  # models are loaded one at a time
+                  lambda: evaluate_models(job.models, config, job.out / "evaluate", progress=job.progress,
+                                          overwrite="evaluate" in job.redo))
     _cards_with_evaluation(job)
 
 

@@ -39,6 +39,8 @@ def test_sweep_shares_upstream_compares_arms_and_resumes_after_a_kill(tmp_path, 
     first = out / "arms" / "dpo-s0"
     trained = first / "align" / "dpo" / "round_1" / "metrics.json"  # written once, when the round is trained
     stamp = trained.stat().st_mtime_ns
+    evaluated = first / "evaluate" / "results.json"
+    evaluated_stamp = evaluated.stat().st_mtime_ns
     # the second arm got the first one's identification and pairs before it was killed
     second = out / "arms" / "frozen-s0"
     assert (second / "identify" / "identify.json").read_bytes() == (first / "identify" / "identify.json").read_bytes()
@@ -47,6 +49,7 @@ def test_sweep_shares_upstream_compares_arms_and_resumes_after_a_kill(tmp_path, 
     monkeypatch.setattr(sweep_module, "run", real_run)
     summary = sweep(grid, out, progress=False)
     assert trained.stat().st_mtime_ns == stamp  # the finished arm was reused, not retrained
+    assert evaluated.stat().st_mtime_ns == evaluated_stamp  # nor evaluated again
     rows = {(r["arm"], r["model"]): r for r in summary["rows"]}
     assert set(rows) == {("base", "base"), ("dpo", "dpo"), ("frozen", "safeneuron")}
     # every arm measured on the same held-out prompts: the base model's answers agree across arms
