@@ -527,9 +527,11 @@ class AlignConfig:
     stochastic_ablation: float | None = None
     """Stochastic ablation: each optimizer step zeroes a fresh random share (e.g. 0.5) of the frozen set, so no
     fixed small set carries refusal; all of it stays frozen. None = the whole set ablated every step."""
-    consistency_weight: float = 0.0
+    consistency_weight: float | None = None
     """Ablation-consistency term (safeneuron mode): this weight x the mean KL from the intact policy's next-token
-    distribution to the ablated policy's on the chosen answers, added to the DPO loss (0 = off)."""
+    distribution to the ablated policy's on the chosen answers, added to the DPO loss (0 = off). None = 1.0 when the
+    policy is ablated (safeneuron mode without ``freeze_only``: the recipe search's winner, see the README), 0
+    otherwise; :attr:`consistency` is the weight in effect."""
     reidentify_every: int = 0
     """Dynamic re-identification (safeneuron mode): every this many optimizer steps inside a round, identify the
     safety neurons of the policy as it is now (the round's identification settings, closed-form statistics) and
@@ -635,6 +637,14 @@ class AlignConfig:
         their defaults."""
         return apply_profile(self, QUICK.get("align", {})) if self.quick else dataclasses.replace(self)
 
+    @property
+    def consistency(self) -> float:
+        """The ablation-consistency weight in effect: ``consistency_weight``, or with None 1.0 when the policy is
+        ablated (safeneuron mode, not ``freeze_only``) and 0 otherwise."""
+        if self.consistency_weight is not None:
+            return float(self.consistency_weight) if self.mode == "safeneuron" else 0.0
+        return 1.0 if self.mode == "safeneuron" and not self.freeze_only else 0.0
+
     def validate(self) -> None:
         check_choices(self)
         if self.allow_fallback:  # the rounds' identification loads the prompts
@@ -663,13 +673,14 @@ class AlignConfig:
         if self.precompute_ref_log_probs and self.ref_ablated:
             raise ConfigError("precompute_ref_log_probs computes the reference outside training passes, where "
                               "ref_ablated's ablation does not apply; choose one", fields=("precompute_ref_log_probs",))
-        if not isinstance(self.consistency_weight, (int, float)) or not math.isfinite(self.consistency_weight) \
-                or self.consistency_weight < 0:
+        if self.consistency_weight is not None and (
+                not isinstance(self.consistency_weight, (int, float)) or isinstance(self.consistency_weight, bool)
+                or not math.isfinite(self.consistency_weight) or self.consistency_weight < 0):
             raise ConfigError(f"consistency_weight must be a finite number >= 0, got {self.consistency_weight!r}",
                               fields=("consistency_weight",))
         if (self.ref_ablated or self.stochastic_ablation is not None or self.consistency_weight) and self.freeze_only:
-            raise ConfigError("ref_ablated and stochastic_ablation shape the ablation; freeze_only has none",
-                              fields=("freeze_only",))
+            raise ConfigError("ref_ablated, stochastic_ablation and consistency_weight shape the ablation; "
+                              "freeze_only has none", fields=("freeze_only",))
         if not self.beta > 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not self.learning_rate > 0:

@@ -251,7 +251,10 @@ def _preflight(config: RunConfig) -> None:
 
 def _finish(job: _Job) -> dict:
     record = job.record
-    record["wall_time_s"] = round(time.perf_counter() - job.t_start, 2)
+    record["wall_time_s"] = round(time.perf_counter() - job.t_start, 2)  # this invocation's
+    # what the stages took when they first ran: a resumed job's own wall time counts only the reused steps
+    record["compute_wall_s"] = round(sum(s.get("first_run_wall_s", s.get("wall_s", 0))
+                                         for s in record["stages"].values()), 2)
     record["finished"] = timestamp()
     write_json(job.out / "run.json", record)
     return record
@@ -334,8 +337,11 @@ def _evaluate_models(job: _Job) -> None:
     config = job.stage_config("evaluate")
     key = settings_hash(config)
     if _evaluation_is_current(job, key):
-        logger.info("%s: every model already evaluated with these settings; reusing it", job.out / "evaluate")
-        job.stage("evaluate", key, lambda: read_json(job.out / "evaluate" / "results.json"))
+        def reuse():
+            logger.info("%s: every model already evaluated with these settings; reusing it", job.out / "evaluate")
+            return read_json(job.out / "evaluate" / "results.json")
+
+        job.stage("evaluate", key, reuse)
     else:
         job.stage("evaluate", key,  # models are loaded one at a time
                   lambda: evaluate_models(job.models, config, job.out / "evaluate", progress=job.progress,

@@ -208,7 +208,8 @@ def _row(arm: str, seed: int, model: str, entry: dict, record: dict) -> dict:
         "asr_whitebox": whitebox[-1]["asr"] if whitebox else None,
         "over_refusal": entry.get("over_refusal"), "over_refusal_xstest": entry.get("over_refusal_xstest"),
         "mc_accuracy": entry.get("mc_accuracy"), "n_harmful": entry.get("n_harmful"),
-        "align_wall_s": round(align_s, 1) if align_s else None, "run_wall_s": record.get("wall_time_s"),
+        "align_wall_s": round(align_s, 1) if align_s else None,
+        "run_wall_s": record.get("compute_wall_s", record.get("wall_time_s")),  # the first run's, not a resume's
         "outcomes": entry.get("asr_outcomes") or {},
     }
 

@@ -50,6 +50,9 @@ def test_sweep_shares_upstream_compares_arms_and_resumes_after_a_kill(tmp_path, 
     summary = sweep(grid, out, progress=False)
     assert trained.stat().st_mtime_ns == stamp  # the finished arm was reused, not retrained
     assert evaluated.stat().st_mtime_ns == evaluated_stamp  # nor evaluated again
+    record = json.loads((first / "run.json").read_text())  # its time is what the stages took, not the resume's
+    assert record["compute_wall_s"] > record["wall_time_s"]
+    assert rows_time(summary, "dpo") == record["compute_wall_s"]
     rows = {(r["arm"], r["model"]): r for r in summary["rows"]}
     assert set(rows) == {("base", "base"), ("dpo", "dpo"), ("frozen", "safeneuron")}
     # every arm measured on the same held-out prompts: the base model's answers agree across arms
@@ -61,6 +64,10 @@ def test_sweep_shares_upstream_compares_arms_and_resumes_after_a_kill(tmp_path, 
     md = (out / "sweep.md").read_text()
     assert "| frozen | 0 | safeneuron |" in md and (out / "sweep.png").stat().st_size > 0
     assert summarise_sweep(out, grid)["rows"] == summary["rows"]
+
+
+def rows_time(summary, arm):
+    return next(r["run_wall_s"] for r in summary["rows"] if r["arm"] == arm)
 
 
 def test_grid_errors_name_the_problem(tmp_path):

@@ -313,6 +313,25 @@ def test_the_consistency_term_is_the_weighted_kl_and_zero_without_ablation(tmp_p
     t.remove_freezing()
 
 
+def test_the_consistency_term_is_on_by_default_where_the_policy_is_ablated():
+    """The recipe search's winner is the default: weight 1.0 in safeneuron mode, off where nothing is ablated."""
+    from safeneuron.config import load_run_config
+
+    assert AlignConfig().consistency == 1.0
+    assert AlignConfig(mode="dpo").consistency == 0.0 and AlignConfig(mode="sn-tune").consistency == 0.0
+    assert AlignConfig(freeze_only=True).consistency == 0.0
+    assert AlignConfig(consistency_weight=0.0).consistency == 0.0
+    assert AlignConfig(consistency_weight=2.5).consistency == 2.5
+    assert AlignConfig(mode="dpo", consistency_weight=2.5).consistency == 0.0
+    AlignConfig(freeze_only=True).validate()  # the default does not conflict with freeze_only; a weight does
+    with pytest.raises(ConfigError, match="freeze_only has none"):
+        AlignConfig(freeze_only=True, consistency_weight=1.0).validate()
+    for value in (-1.0, float("nan"), True):
+        with pytest.raises(ConfigError, match="consistency_weight must be a finite number"):
+            AlignConfig(consistency_weight=value).validate()
+    assert load_run_config().stage_config("align").consistency == 1.0  # the main job's
+
+
 def test_align_with_every_lever_on_lora(tmp_path, model_dir):
     """Dynamic re-identification, stochastic ablation over a wider candidate set, the consistency term and an
     ablated reference, together in one LoRA round: the round records the re-identifications and stays exact."""

@@ -488,7 +488,7 @@ def _train_round(run: _Run, model: nn.Module, ref: nn.Module | None, frozen: Saf
         ablate_reference=config.ref_ablated and config.mode == "safeneuron" and not config.freeze_only,
         ablate_fraction=config.stochastic_ablation if config.mode == "safeneuron" else None,
         seed=config.seed + r - 1,
-        consistency_weight=config.consistency_weight if config.mode == "safeneuron" else 0.0,
+        consistency_weight=config.consistency,
     )
     if not run.progress:
         from transformers.trainer_callback import PrinterCallback
