@@ -437,7 +437,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 #: field out while it holds its default, so a run of an earlier version is still recognised and resumed (a new
 #: setting that is used changes the key). Add a field here when you add it to a config.
 LATE_FIELDS: dict[str, Any] = {
-    "AlignConfig.eval_pairs": 0, "AlignConfig.dpo": {}, "AlignConfig.push_to_hub": None,
+    "AlignConfig.eval_pairs": 0, "AlignConfig.dpo": {}, "AlignConfig.push_to_hub": None, "AlignConfig.save_merged": True,
     **{f"{c}.allow_fallback": False for c in ("IdentifyConfig", "PrefsConfig", "AlignConfig", "AttackConfig",
                                               "EvalConfig", "AnalyzeConfig")},
     "AttackConfig.judge_template": None, "EvalConfig.judge_template": None,
@@ -559,6 +559,11 @@ class AlignConfig:
     """Also freeze these decoder layers entirely (indices)."""
     lora: bool = False
     """Train LoRA adapters (peft), merged into the model after each round, instead of all weights."""
+    save_merged: bool = True
+    """LoRA: each round's ``model/`` is the merged model (true), or only the round's adapter (false:
+    ``adapter_config.json`` + ``adapter_model.safetensors``, naming the round's start model as its base by absolute
+    path), which :func:`~safeneuron.models.load_model` merges into its base when it loads the directory: megabytes
+    per round instead of a copy of the model. Training and results are the same either way."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -703,6 +708,9 @@ class AlignConfig:
             raise ConfigError(f"max_pairs must be >= 1, got {self.max_pairs}")
         if self.load_in_4bit and not self.lora:
             raise ConfigError("load_in_4bit (QLoRA) trains adapters only: set lora", fields=("lora",))
+        if not self.save_merged and (not self.lora or self.load_in_4bit):
+            raise ConfigError("save_merged = false keeps each round's LoRA adapter instead of the merged model: it "
+                              "needs lora and full-precision weights (not load_in_4bit)", fields=("save_merged",))
         if self.lora and (self.lora_r < 1 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r must be >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}")
         if self.save_steps < 1:

@@ -29,7 +29,8 @@ from safeneuron.artifacts import atomic_dir, read_json, sha256_file, sha256_text
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "load_model", "load_processor", "is_vlm", "is_vlm_checkpoint", "processor_of", "resolve_model",
-           "save_model_dir", "weights_hash", "ModelLoadError", "pick_device", "pick_dtype"]
+           "save_model_dir", "save_adapter_dir", "adapter_base", "is_model_dir", "weights_hash", "ModelLoadError",
+           "pick_device", "pick_dtype"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -130,6 +131,11 @@ def resolve_model(model: str | None) -> tuple[str, str]:
 def _check_local_dir(path: Path, trust_remote_code: bool) -> None:
     if not path.is_dir():
         return
+    if _is_adapter_dir(path):
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise ModelLoadError(f"{path}: a peft adapter directory without {ADAPTER_WEIGHTS} (safeneuron loads "
+                                 "safetensors adapters only)")
+        return
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: no config.json; not a transformers model directory")
@@ -193,7 +199,11 @@ def _check_config(config: dict, name: str, trust_remote_code: bool) -> None:
 
 
 def _is_local_vlm(path: str) -> bool:
-    """True when ``path`` is a model directory whose config.json has a vision config."""
+    """True when ``path`` is a model directory whose config.json has a vision config (an adapter directory: its
+    base's)."""
+    if _is_adapter_dir(Path(path)):
+        base = adapter_base(path)
+        return base is not None and Path(base).is_dir() and _is_local_vlm(base)
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
@@ -253,6 +263,11 @@ def load_model(
 
     name, path = resolve_model(model)
     _check_local_dir(Path(path), trust_remote_code)
+    if _is_adapter_dir(Path(path)):  # a LoRA round saved as its adapter: the base loaded, the adapter merged
+        if load_in_4bit:
+            raise ModelLoadError(f"{name}: a peft adapter directory cannot be loaded in 4-bit; load it in full "
+                                 "precision (it is merged into its base)")
+        return _load_adapter_dir(name, path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if _is_local_vlm(path):  # image+text model: its processor comes along
         if load_in_4bit:
             raise ModelLoadError(f"{name}: 4-bit loading of vision-language models is not supported; use LoRA")
@@ -282,6 +297,78 @@ def load_model(
         processor = load_processor(name, path, trust_remote_code)
         return LoadedModel(lm, getattr(processor, "tokenizer", tok), name, path, processor=processor)
     return LoadedModel(lm, tok, name, path)
+
+
+#: The weight file of a peft adapter directory (``adapter_config.json`` beside it names the base model).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    """A local peft adapter directory: ``adapter_config.json`` and no full model (``config.json``) beside it."""
+    return path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a model :func:`load_model` reads: a transformers model directory (``config.json``)
+    or a peft adapter directory (``adapter_config.json`` and its safetensors weights)."""
+    p = Path(path)
+    return (p / "config.json").is_file() or (_is_adapter_dir(p) and (p / ADAPTER_WEIGHTS).is_file())
+
+
+def adapter_base(source: str | Path) -> str | None:
+    """The base model a peft adapter (a directory, or a hub id, holding ``adapter_config.json``) was trained on,
+    as ``base_model_name_or_path`` names it (a relative path is taken from the adapter's directory); None for
+    anything else."""
+    path = Path(source) / "adapter_config.json"
+    if not path.is_file() and not Path(source).exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(source), "adapter_config.json"))
+        except Exception:  # no such file on the hub, or offline: a full model, or its own load error
+            return None
+    if not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ModelLoadError(f"{path}: not a valid adapter config ({getattr(err, 'msg', err)})") from None
+    if not base:
+        return None
+    if Path(source).is_dir() and not Path(base).is_absolute() and (Path(source) / base).exists():
+        return str((Path(source) / base).resolve())
+    return str(base)
+
+
+def _load_adapter_dir(name: str, path: str, *, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+    """A peft adapter directory as a plain model: its base (:func:`load_model`, itself possibly an adapter
+    directory: a chain of LoRA rounds) with the adapter merged in. The tokenizer or processor saved beside the
+    adapter is used when there is one."""
+    from peft import PeftModel
+
+    base_path = adapter_base(path)
+    if base_path is None:
+        raise ModelLoadError(f"{path}: adapter_config.json names no base model (base_model_name_or_path)")
+    if Path(base_path).is_absolute() and not Path(base_path).exists():
+        raise ModelLoadError(f"{path}: the adapter's base model {base_path} does not exist (moved or deleted?); "
+                             "set base_model_name_or_path in adapter_config.json to where it is")
+    base = load_model(base_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    try:
+        merged = PeftModel.from_pretrained(base.model, path, is_trainable=False).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise _load_error(name, err, "adapter") from None
+    merged.eval()
+    tokenizer, processor = base.tokenizer, base.processor
+    if (Path(path) / "tokenizer_config.json").is_file():
+        if processor is not None:
+            processor = load_processor(name, path, trust_remote_code)
+            tokenizer = getattr(processor, "tokenizer", processor)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    logger.info("loaded %s: the adapter merged into %s", name, base_path)
+    return LoadedModel(merged, tokenizer, name, path, processor=processor)
 
 
 def _placement(dtype: str, device: str, trust_remote_code: bool) -> tuple[torch.device, dict]:
@@ -367,6 +454,24 @@ def save_model_dir(model: torch.nn.Module, processing, path: str | Path,
     return Path(path)
 
 
+def save_adapter_dir(peft_model: torch.nn.Module, processing, path: str | Path, base: str,
+                     write_extra: Callable[[Path], None] | None = None) -> Path:
+    """``save_pretrained`` of a peft model's adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and
+    its tokenizer or processor into ``path``, atomically, with ``base_model_name_or_path`` = ``base`` (the model it
+    was trained on: a hub id, or a local directory by absolute path); :func:`load_model` reads it back merged."""
+    with atomic_dir(path) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        config_file = tmp / "adapter_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = str(Path(base).resolve()) if Path(base).exists() else base
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        processing.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's placeholder card; safeneuron writes its own
+        if write_extra is not None:
+            write_extra(tmp)
+    return Path(path)
+
+
 def bnb_4bit_config(compute_dtype: torch.dtype):
     """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantisation); a clear error
     when bitsandbytes is not installed."""
@@ -388,14 +493,23 @@ def _hash_cache_file() -> Path:
 
 
 def weights_hash(path: str) -> str | None:
-    """sha256 over the model directory's weight files (cached by size and mtime).
+    """sha256 over the model directory's weight files (cached by size and mtime); for a peft adapter directory,
+    over the adapter's weights and its base model's hash.
 
     None for a hub id that is not a local directory.
     """
     p = Path(path)
     if not p.is_dir():
         return None
+    if _is_adapter_dir(p):  # the adapter's weights and its base's (a hub id by name)
+        base = adapter_base(p)
+        return sha256_text(_files_hash([p / ADAPTER_WEIGHTS]), "base:", str(weights_hash(base) or base))
     files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")) or sorted(p.glob("*.gguf"))
+    return _files_hash(files)
+
+
+def _files_hash(files: list[Path]) -> str:
+    """sha256 over these files' contents, each file's digest cached by path, size and mtime."""
     cache_file = _hash_cache_file()
     try:
         cache = read_json(cache_file) if cache_file.exists() else {}

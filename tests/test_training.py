@@ -197,6 +197,68 @@ def test_baseline_modes_and_lora_align(tmp_path, model_dir):
     assert not any("lora" in n for n, _ in lora.model.named_parameters())  # merged
 
 
+def test_lora_rounds_saved_as_adapters_load_as_the_merged_models_bit_exactly(tmp_path, model_dir):
+    """save_merged = false: each round's model/ is its adapter alone (its base the round's start model), and
+    load_model gives back exactly the merged model a save_merged run saves, through the two-round chain; a finished
+    run resumes from the adapter directories, and the adapters' hash follows their base."""
+    from safeneuron.models import adapter_base, is_model_dir, weights_hash
+
+    config = dict(rounds=2, lora=True, lora_r=4, max_steps=2)
+    merged = align(quick_config(**config), PAIRS, tmp_path / "merged", loaded=load_model(str(model_dir), device="cpu"),
+                   progress=False)
+    lean = align(quick_config(**config, save_merged=False), PAIRS, tmp_path / "lean",
+                 loaded=load_model(str(model_dir), device="cpu"), progress=False)
+    for r, base in ((1, model_dir), (2, tmp_path / "lean" / "round_1" / "model")):
+        rdir = tmp_path / "lean" / f"round_{r}" / "model"
+        assert sorted(f.name for f in rdir.glob("*.safetensors")) == ["adapter_model.safetensors"]
+        assert not (rdir / "config.json").exists() and is_model_dir(rdir)
+        assert adapter_base(rdir) == str(base.resolve())
+        assert (rdir / "adapter_model.safetensors").stat().st_size < (
+            tmp_path / "merged" / f"round_{r}" / "model" / "model.safetensors").stat().st_size / 3
+        want = dict(load_model(str(tmp_path / "merged" / f"round_{r}" / "model"), device="cpu").model.state_dict())
+        got = dict(load_model(str(rdir), device="cpu").model.state_dict())
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), f"round {r}"
+    final = load_model(str(tmp_path / "lean" / "model"), device="cpu")  # the final model: round 2's adapter
+    assert not any("lora" in n for n, _ in final.model.named_parameters())
+    assert all(torch.equal(p, dict(merged.model.named_parameters())[k]) for k, p in lean.model.named_parameters())
+    assert final.tokenizer("harmful thing")["input_ids"] == make_tokenizer()("harmful thing")["input_ids"]
+    stamps = [f.stat().st_mtime_ns for f in sorted((tmp_path / "lean").glob("round_*/model/adapter_model.safetensors"))]
+    again = align(quick_config(**config, save_merged=False), PAIRS, tmp_path / "lean",
+                  loaded=load_model(str(model_dir), device="cpu"), progress=False)  # reused, not trained again
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "lean").glob("round_*/model/adapter_model.safetensors"))
+            ] == stamps
+    assert [m["round"] for m in again.rounds] == [1, 2]
+    assert all(torch.equal(p, dict(again.model.named_parameters())[k]) for k, p in lean.model.named_parameters())
+    h2 = weights_hash(str(tmp_path / "lean" / "round_2" / "model"))
+    assert h2 != weights_hash(str(tmp_path / "lean" / "round_1" / "model"))
+    other_base = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other_base)  # same shapes, other weights
+    cfg_file = tmp_path / "lean" / "round_2" / "model" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = str(other_base)
+    cfg_file.write_text(json.dumps(cfg))
+    assert weights_hash(str(tmp_path / "lean" / "round_2" / "model")) != h2  # the base is part of the hash
+    with pytest.raises(ConfigError, match="save_merged = false .* needs lora"):
+        AlignConfig(save_merged=False).validate()
+
+
+def test_a_disk_too_small_for_the_rounds_model_is_an_error_before_training(tmp_path, model_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    loaded = load_model(str(model_dir), device="cpu")
+    size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * size, 10 * size - size // 2, size // 2))
+    with pytest.raises(AlignOutputError, match=r"round 1: .* GiB free, the round's model needs about .* GiB.*"
+                                               "save_merged = false"):
+        align(quick_config(rounds=1), PAIRS, tmp_path / "full", loaded=loaded, progress=False)
+    assert not (tmp_path / "full" / "round_1" / "trainer").exists()  # nothing trained
+    lean = align(quick_config(rounds=1, lora=True, lora_r=4, max_steps=1, save_merged=False), PAIRS,
+                 tmp_path / "lean", loaded=loaded, progress=False)  # an adapter needs no room for a model
+    assert lean.rounds[0]["round"] == 1
+
+
 def test_bad_input_gives_clear_errors(tmp_path, model_dir):
     loaded = load_model(str(model_dir), device="cpu")
     with pytest.raises(ConfigError, match="rounds must be >= 1, got 0"):

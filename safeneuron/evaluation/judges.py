@@ -39,7 +39,7 @@ import torch
 from safeneuron.data.prompts import builtin_path
 from safeneuron.errors import SafeneuronError
 from safeneuron import generation
-from safeneuron.models import _load_error, pick_device, pick_dtype, safetensors_kwargs
+from safeneuron.models import _load_error, adapter_base, pick_device, pick_dtype, safetensors_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -692,7 +692,7 @@ class StrongRejectFinetunedJudge(StrongRejectJudge):
 
         target = pick_device(device)
         try:
-            adapter = _adapter_base(source)
+            adapter = adapter_base(source)
             if adapter is not None:
                 from peft import PeftModel
 
@@ -737,22 +737,6 @@ class StrongRejectFinetunedJudge(StrongRejectJudge):
         self.judged += len(scores)
         self.scores += scores
         return [{"score": s} for s in scores]
-
-
-def _adapter_base(source: str) -> str | None:
-    """The base model a peft adapter (a directory or hub id holding ``adapter_config.json``) was trained on, else
-    None."""
-    path = Path(source) / "adapter_config.json"
-    if not path.is_file() and not Path(source).exists():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(source, "adapter_config.json"))
-        except Exception:  # no such file on the hub, or offline: a full model, or its own load error
-            return None
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("base_model_name_or_path")
 
 
 def load_judge(spec: str | None = "refusal", *, device: str = "auto", dtype: str = "auto",

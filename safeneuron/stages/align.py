@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import itertools
 import logging
 import os
 import shutil
@@ -53,7 +54,8 @@ from safeneuron.errors import SafeneuronError
 from safeneuron.freezing import ReidentifyCallback, unwrap_peft
 from safeneuron.inputs import prompt_batches
 from safeneuron.masks import SafetyNeuronMask
-from safeneuron.models import LoadedModel, load_model, processor_of, safetensors_kwargs, save_model_dir, weights_hash
+from safeneuron.models import (LoadedModel, is_model_dir, load_model, processor_of, safetensors_kwargs, save_adapter_dir,
+                               save_model_dir, weights_hash)
 from safeneuron.stages.identify import Identification, OutputDirError, identify
 from safeneuron.stages.prefs import synthesize_preferences
 from safeneuron.trainer import SafeNeuronDPOTrainer, dpo_config, dpo_overrides, lora_config, training_dtype
@@ -63,7 +65,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AlignResult", "align", "align_card_info", "AlignOutputError"]
 
 # AlignConfig fields that do not change the result (excluded from the run key).
-_NOT_RESULT = ("device", "save_steps", "keep_checkpoints", "trust_remote_code", "push_to_hub")
+_NOT_RESULT = ("device", "save_steps", "keep_checkpoints", "trust_remote_code", "push_to_hub", "save_merged")
 # DPOConfig fields of the ``dpo`` table that only log or publish (a run resumes with tracking switched on).
 _DPO_NOT_RESULT = ("report_to", "run_name", "logging_steps", "logging_first_step", "logging_strategy", "logging_nan_inf_filter",
                    "project", "trackio_space_id", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
@@ -250,7 +252,7 @@ def _completed_rounds(out: Path, run_key: str, rounds: int, legacy_keys: tuple[s
             metrics = read_json(rdir / "metrics.json")
         except ArtifactError:
             break
-        if metrics.get("run_key") not in (run_key, *legacy_keys) or not (rdir / "model" / "config.json").is_file():
+        if metrics.get("run_key") not in (run_key, *legacy_keys) or not is_model_dir(rdir / "model"):
             break
         done = r
     return done
@@ -546,6 +548,8 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
     t_identify = time.perf_counter() - t_round
 
     # 2. DPO against the model at the round's start
+    if run.main and not (config.lora and not config.save_merged):
+        _check_free_space(model, rdir, r)  # before the training, not when its result cannot be saved
     t0 = time.perf_counter()
     ref = _reference(model, config)
     trainer, checkpoint = _train_round(run, model, ref, frozen, rdir, r)
@@ -565,11 +569,16 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
         model = _load_round_model(rdir / "model", config, run.base_name).model
         _check_finite(model, r)
     else:
+        keep_adapter = config.lora and not config.save_merged
+        if keep_adapter:  # the adapter alone, its base the round's start model; saved before merging unloads it
+            _check_finite(trainer.model, r)
+            if run.main:
+                save_adapter_dir(trainer.model, run.saved_with, rdir / "model", base=str(start_path))
         model = _trained_model(trainer, config)
         _check_finite(model, r)  # before anything is saved: a NaN model is never a result
         del trainer, ref
         gc.collect()
-        if run.main:
+        if run.main and not keep_adapter:
             save_model_dir(model, run.saved_with, rdir / "model")
     if run.main:
         record.save(rdir / "frozen.safetensors", metadata=mask_metadata(
@@ -582,6 +591,18 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
     _complete_round(run, rdir, metrics, record)
     run.loaded = LoadedModel(model, run.tokenizer, run.base_name, str(rdir / "model"), processor=run.processor)
     return metrics, record if config.mode != "dpo" else None
+
+
+def _check_free_space(model: nn.Module, rdir: Path, r: int) -> None:
+    """An :class:`AlignOutputError` when the disk under ``rdir`` has less free space than round ``r``'s model
+    takes in safetensors (its parameters and buffers at their dtypes, plus 5 %)."""
+    need = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    need = int(need * 1.05)
+    free = shutil.disk_usage(rdir).free
+    if free < need:
+        raise AlignOutputError(f"round {r}: {rdir} has {free / 2**30:.1f} GiB free, the round's model needs about "
+                               f"{need / 2**30:.1f} GiB: free some space, or with lora set save_merged = false "
+                               "(each round keeps its adapter only)", fields=("save_merged",))
 
 
 def _check_finite(model: nn.Module, r: int) -> None:
@@ -747,7 +768,7 @@ def _align_locked(config: AlignConfig, prefs, out: Path, loaded: LoadedModel | N
 
     # the final model and the manifest
     final_src = out / f"round_{config.rounds}" / "model"
-    if run.main and (not (out / "model" / "config.json").is_file() or done < config.rounds):
+    if run.main and (not is_model_dir(out / "model") or done < config.rounds):
         _link_dir(final_src, out / "model")
     manifest = _write_manifest(run, round_metrics, t_start)
     if run.main:  # the final model directory carries its card (and is what gets published)
