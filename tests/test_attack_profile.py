@@ -71,6 +71,11 @@ def test_whitebox_reads_the_frozen_sets_of_the_rounds_up_to_the_models_own(tmp_p
     assert first.digest() == r1.digest()
     with pytest.raises(NotApplicable, match="not an aligned model"):
         whitebox_mask(tmp_path / "some-base-model")
+    dpo = tmp_path / "dpo"  # plain DPO: every round's frozen set is empty, so there is nothing to attack
+    (dpo / "round_1" / "model").mkdir(parents=True)
+    SafetyNeuronMask.random(sites, frac=0.0, seed=1).save(dpo / "round_1" / "frozen.safetensors")
+    with pytest.raises(NotApplicable, match="frozen sets are empty"):
+        whitebox_mask(dpo / "round_1" / "model")
     # the plan prunes the frozen set, then the frozen set with the attacker's own re-identified set
     attacker = SafetyNeuronMask.random(sites, frac=0.05, seed=9)
     ctx = _ctx(tmp_path, LoadedModel(loaded.model, loaded.tokenizer, "aligned", str(align / "model")))

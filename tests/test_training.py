@@ -215,9 +215,16 @@ def test_lora_rounds_saved_as_adapters_load_as_the_merged_models_bit_exactly(tmp
         assert adapter_base(rdir) == str(base.resolve())
         assert (rdir / "adapter_model.safetensors").stat().st_size < (
             tmp_path / "merged" / f"round_{r}" / "model" / "model.safetensors").stat().st_size / 3
-        want = dict(load_model(str(tmp_path / "merged" / f"round_{r}" / "model"), device="cpu").model.state_dict())
-        got = dict(load_model(str(rdir), device="cpu").model.state_dict())
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), f"round {r}"
+        for dtype in ("float32", "bfloat16"):  # bfloat16: merged at the training precision, then cast
+            want_model = load_model(str(tmp_path / "merged" / f"round_{r}" / "model"), device="cpu", dtype=dtype).model
+            got_model = load_model(str(rdir), device="cpu", dtype=dtype).model
+            want = dict(want_model.state_dict()) | {f"buffer:{k}": b for k, b in want_model.named_buffers()}
+            got = dict(got_model.state_dict()) | {f"buffer:{k}": b for k, b in got_model.named_buffers()}
+            assert got.keys() == want.keys(), f"round {r}, {dtype}"
+            assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want), f"round {r}, {dtype}"
+            assert got_model.config.dtype == want_model.config.dtype
+            assert all(p.requires_grad for p in got_model.parameters())  # as from_pretrained leaves them
+        assert json.loads((rdir / "merge.json").read_text()) == {"merge_dtype": "float32"}
     final = load_model(str(tmp_path / "lean" / "model"), device="cpu")  # the final model: round 2's adapter
     assert not any("lora" in n for n, _ in final.model.named_parameters())
     assert all(torch.equal(p, dict(merged.model.named_parameters())[k]) for k, p in lean.model.named_parameters())

@@ -89,6 +89,8 @@ def whitebox_mask(model_path: str | Path | None, given: str | Path | None = None
     mask = SafetyNeuronMask.load(files[0], neuron_set=None)
     for f in files[1:]:
         mask = mask | SafetyNeuronMask.load(f, neuron_set=None)
+    if mask.count() == 0:  # plain DPO's rounds record an empty set
+        raise NotApplicable(f"{align_dir}: the frozen sets are empty (plain DPO freezes nothing)")
     return mask, ", ".join(str(f) for f in files)
 
 
