@@ -479,8 +479,7 @@ def save_model_dir(model: torch.nn.Module, processing, path: str | Path,
     return Path(path)
 
 
-def save_adapter_dir(peft_model: torch.nn.Module, processing, path: str | Path, base: str,
-                     write_extra: Callable[[Path], None] | None = None) -> Path:
+def save_adapter_dir(peft_model: torch.nn.Module, processing, path: str | Path, base: str) -> Path:
     """``save_pretrained`` of a peft model's adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and
     its tokenizer or processor into ``path``, atomically, with ``base_model_name_or_path`` = ``base`` (the model it
     was trained on: a hub id, or a local directory by absolute path) and ``merge.json`` (the dtype of the weights it
@@ -495,8 +494,6 @@ def save_adapter_dir(peft_model: torch.nn.Module, processing, path: str | Path, 
         (tmp / "README.md").unlink(missing_ok=True)  # peft's placeholder card; safeneuron writes its own
         trained = next(p.dtype for n, p in peft_model.named_parameters() if "lora_" not in n)
         write_json(tmp / ADAPTER_MERGE_FILE, {"merge_dtype": str(trained).removeprefix("torch.")})
-        if write_extra is not None:
-            write_extra(tmp)
     return Path(path)
 
 

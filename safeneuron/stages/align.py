@@ -548,7 +548,8 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
     t_identify = time.perf_counter() - t_round
 
     # 2. DPO against the model at the round's start
-    if run.main and not (config.lora and not config.save_merged):
+    keep_adapter = config.lora and not config.save_merged  # round_r/model/ is the adapter, not the merged model
+    if run.main and not keep_adapter:
         _check_free_space(model, rdir, r)  # before the training, not when its result cannot be saved
     t0 = time.perf_counter()
     ref = _reference(model, config)
@@ -569,7 +570,6 @@ def _round(run: _Run, r: int, frozen_prev: SafetyNeuronMask | None) -> tuple[dic
         model = _load_round_model(rdir / "model", config, run.base_name).model
         _check_finite(model, r)
     else:
-        keep_adapter = config.lora and not config.save_merged
         if keep_adapter:  # the adapter alone, its base the round's start model; saved before merging unloads it
             _check_finite(trainer.model, r)
             if run.main:
